@@ -1,0 +1,287 @@
+"""One decoder-only transformer in Flax NNX; the families are switches in `ModelConfig`.
+
+Array names carry their shapes: B batch, T new tokens, S key slots, D hidden,
+N query heads, K key/value heads, G = N // K query heads per key head, H head
+dim, F mlp width, V vocabulary.
+
+Every parameter carries `logical_axes` metadata (embed, heads, kv, mlp, vocab,
+head_dim) so that sharding is a table of rules over these names. Projections
+are `Linear` modules held as attributes (`attn.q_proj`, `mlp.up_proj`...):
+adapters replace them by path without touching any forward pass, and a reward
+head reads `Transformer.hidden`.
+
+Decoding carries an explicit `KVCache` in and out; nothing mutates inside jit.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx, struct
+
+from pe_rlhf.models.config import ModelConfig
+
+_MASKED = -2.3819763e38  # large finite negative: fully masked rows stay finite
+
+
+def _normal(rngs: nnx.Rngs, shape, dtype, stddev=0.02):
+    return (stddev * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
+
+
+class Linear(nnx.Module):
+    """y = x @ kernel (+ bias); kernel is [in, out]."""
+
+    def __init__(self, in_features: int, out_features: int, *, axes: tuple[str, str], use_bias: bool,
+                 dtype, rngs: nnx.Rngs):
+        self.kernel = nnx.Param(_normal(rngs, (in_features, out_features), dtype), logical_axes=axes)
+        self.bias = (
+            nnx.Param(jnp.zeros((out_features,), dtype), logical_axes=(axes[1],)) if use_bias else None
+        )
+
+    def __call__(self, x):
+        y = x @ self.kernel[...]
+        if self.bias is not None:
+            y = y + self.bias[...]
+        return y
+
+
+class RMSNorm(nnx.Module):
+    """RMS norm computed in float32; the scale is (offset + w): offset 1 for Gemma, 0 otherwise."""
+
+    def __init__(self, dim: int, *, eps: float, offset: float, axis_name: str, dtype):
+        init = jnp.zeros if offset else jnp.ones
+        self.scale = nnx.Param(init((dim,), dtype), logical_axes=(axis_name,))
+        self.eps = eps
+        self.offset = offset
+
+    def __call__(self, x):
+        x32 = x.astype(jnp.float32)
+        x32 = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
+        return (x32 * (self.offset + self.scale[...].astype(jnp.float32))).astype(x.dtype)
+
+
+def apply_rope(x_BxTxNxH, positions_BxT, inv_freq_h):
+    """Rotary embedding in the rotate-half layout used by HF checkpoints."""
+    angles_BxTxh = positions_BxT[..., None].astype(jnp.float32) * inv_freq_h
+    cos = jnp.cos(jnp.concatenate([angles_BxTxh, angles_BxTxh], -1))[:, :, None, :]
+    sin = jnp.sin(jnp.concatenate([angles_BxTxh, angles_BxTxh], -1))[:, :, None, :]
+    x = x_BxTxNxH.astype(jnp.float32)
+    x1, x2 = jnp.split(x, 2, axis=-1)
+    rotated = jnp.concatenate([-x2, x1], axis=-1)
+    return (x * cos + rotated * sin).astype(x_BxTxNxH.dtype)
+
+
+@struct.dataclass
+class KVCache:
+    """Keys and values of every layer, written slot by slot as tokens arrive.
+
+    `mask_BxS` marks the slots that hold real tokens (left padding stays False);
+    `end` is the number of slots written so far, the same for every row.
+    """
+
+    k: tuple  # per layer: [B, S, K, H]
+    v: tuple
+    mask_BxS: jax.Array
+    end: jax.Array  # int32 scalar
+
+    @classmethod
+    def init(cls, cfg: ModelConfig, batch: int, length: int, dtype=jnp.float32) -> "KVCache":
+        shape = (batch, length, cfg.num_kv_heads, cfg.head_dim)
+        zeros = tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers))
+        return cls(k=zeros, v=zeros, mask_BxS=jnp.zeros((batch, length), bool), end=jnp.zeros((), jnp.int32))
+
+    @property
+    def length(self) -> int:
+        return self.mask_BxS.shape[1]
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: ModelConfig, layer: int, *, dtype, rngs: nnx.Rngs):
+        d, n, k, h = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.q_proj = Linear(d, n * h, axes=("embed", "heads"), use_bias=cfg.qkv_bias, dtype=dtype, rngs=rngs)
+        self.k_proj = Linear(d, k * h, axes=("embed", "kv"), use_bias=cfg.qkv_bias, dtype=dtype, rngs=rngs)
+        self.v_proj = Linear(d, k * h, axes=("embed", "kv"), use_bias=cfg.qkv_bias, dtype=dtype, rngs=rngs)
+        self.o_proj = Linear(n * h, d, axes=("heads", "embed"), use_bias=cfg.o_bias, dtype=dtype, rngs=rngs)
+        if cfg.qk_norm:
+            kw = dict(eps=cfg.rms_norm_eps, offset=cfg.norm_offset, axis_name="head_dim", dtype=dtype)
+            self.q_norm = RMSNorm(h, **kw)
+            self.k_norm = RMSNorm(h, **kw)
+        else:
+            self.q_norm = self.k_norm = None
+        self.num_heads, self.num_kv_heads, self.head_dim = n, k, h
+        self.scale = cfg.attn_scale
+        self.softcap = cfg.attn_logit_softcap
+        self.inv_freq = tuple(float(f) for f in cfg.layer_rope(layer).inv_freq(h))
+
+    def __call__(self, x_BxTxD, positions_BxT, mask_BxTxS, kv_cache, end):
+        """Returns (y_BxTxD, (k_BxSxKxH, v_BxSxKxH)); with a cache, the new keys are written at `end`."""
+        b, t, _ = x_BxTxD.shape
+        n, k, h = self.num_heads, self.num_kv_heads, self.head_dim
+        q_BxTxNxH = self.q_proj(x_BxTxD).reshape(b, t, n, h)
+        k_BxTxKxH = self.k_proj(x_BxTxD).reshape(b, t, k, h)
+        v_BxTxKxH = self.v_proj(x_BxTxD).reshape(b, t, k, h)
+        if self.q_norm is not None:
+            q_BxTxNxH = self.q_norm(q_BxTxNxH)
+            k_BxTxKxH = self.k_norm(k_BxTxKxH)
+        inv_freq = jnp.asarray(np.array(self.inv_freq, np.float32))
+        q_BxTxNxH = apply_rope(q_BxTxNxH, positions_BxT, inv_freq)
+        k_BxTxKxH = apply_rope(k_BxTxKxH, positions_BxT, inv_freq)
+
+        if kv_cache is None:
+            k_BxSxKxH, v_BxSxKxH = k_BxTxKxH, v_BxTxKxH
+        else:
+            k_cache, v_cache = kv_cache
+            k_BxSxKxH = jax.lax.dynamic_update_slice(k_cache, k_BxTxKxH.astype(k_cache.dtype), (0, end, 0, 0))
+            v_BxSxKxH = jax.lax.dynamic_update_slice(v_cache, v_BxTxKxH.astype(v_cache.dtype), (0, end, 0, 0))
+
+        q_BxTxKxGxH = q_BxTxNxH.reshape(b, t, k, n // k, h)
+        logits_BxKxGxTxS = jnp.einsum(
+            "BTKGH,BSKH->BKGTS", q_BxTxKxGxH, k_BxSxKxH.astype(q_BxTxKxGxH.dtype),
+            preferred_element_type=jnp.float32,
+        ) * self.scale
+        if self.softcap is not None:
+            logits_BxKxGxTxS = jnp.tanh(logits_BxKxGxTxS / self.softcap) * self.softcap
+        logits_BxKxGxTxS = jnp.where(mask_BxTxS[:, None, None], logits_BxKxGxTxS, _MASKED)
+        probs_BxKxGxTxS = jax.nn.softmax(logits_BxKxGxTxS, axis=-1).astype(x_BxTxD.dtype)
+        out_BxTxKxGxH = jnp.einsum("BKGTS,BSKH->BTKGH", probs_BxKxGxTxS, v_BxSxKxH.astype(x_BxTxD.dtype))
+        y_BxTxD = self.o_proj(out_BxTxKxGxH.reshape(b, t, n * h))
+        return y_BxTxD, (k_BxSxKxH, v_BxSxKxH)
+
+
+class MLP(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, dtype, rngs: nnx.Rngs):
+        d, f, bias = cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias
+        self.gate_proj = Linear(d, f, axes=("embed", "mlp"), use_bias=bias, dtype=dtype, rngs=rngs)
+        self.up_proj = Linear(d, f, axes=("embed", "mlp"), use_bias=bias, dtype=dtype, rngs=rngs)
+        self.down_proj = Linear(f, d, axes=("mlp", "embed"), use_bias=bias, dtype=dtype, rngs=rngs)
+        self.activation = cfg.activation
+
+    def __call__(self, x_BxTxD):
+        gate_BxTxF = self.gate_proj(x_BxTxD)
+        if self.activation == "gelu_tanh":
+            gate_BxTxF = jax.nn.gelu(gate_BxTxF, approximate=True)
+        else:
+            gate_BxTxF = jax.nn.silu(gate_BxTxF)
+        return self.down_proj(gate_BxTxF * self.up_proj(x_BxTxD))
+
+
+class Block(nnx.Module):
+    """Pre-norm residual block; Gemma adds a norm after attention and after the MLP."""
+
+    def __init__(self, cfg: ModelConfig, layer: int, *, dtype, rngs: nnx.Rngs):
+        norm = lambda: RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, offset=cfg.norm_offset,
+                               axis_name="embed", dtype=dtype)
+        self.attn_norm = norm()
+        self.attn = Attention(cfg, layer, dtype=dtype, rngs=rngs)
+        self.post_attn_norm = norm() if cfg.is_gemma else None
+        self.mlp_norm = norm()
+        self.mlp = MLP(cfg, dtype=dtype, rngs=rngs)
+        self.post_mlp_norm = norm() if cfg.is_gemma else None
+        self.sliding = cfg.layer_is_sliding(layer)
+
+    def __call__(self, x_BxTxD, positions_BxT, mask_BxTxS, kv_cache, end):
+        y_BxTxD, kv = self.attn(self.attn_norm(x_BxTxD), positions_BxT, mask_BxTxS, kv_cache, end)
+        if self.post_attn_norm is not None:
+            y_BxTxD = self.post_attn_norm(y_BxTxD)
+        x_BxTxD = x_BxTxD + y_BxTxD
+        y_BxTxD = self.mlp(self.mlp_norm(x_BxTxD))
+        if self.post_mlp_norm is not None:
+            y_BxTxD = self.post_mlp_norm(y_BxTxD)
+        return x_BxTxD + y_BxTxD, kv
+
+
+class Transformer(nnx.Module):
+    """Decoder-only language model.
+
+    `model(tokens_BxT, input_mask=...)` gives logits [B, T, V];
+    `model.decode(tokens_BxT, cache, input_mask=...)` gives (logits, new_cache);
+    `model.hidden(...)` gives the final-norm hidden states for heads.
+    """
+
+    def __init__(self, cfg: ModelConfig, *, dtype=jnp.float32, rngs: nnx.Rngs | None = None):
+        rngs = rngs if rngs is not None else nnx.Rngs(0)
+        self.config = cfg
+        self.dtype = dtype
+        self.embedding = nnx.Param(
+            _normal(rngs, (cfg.vocab_size, cfg.hidden_size), dtype), logical_axes=("vocab", "embed")
+        )
+        self.layers = nnx.List([Block(cfg, i, dtype=dtype, rngs=rngs) for i in range(cfg.num_layers)])
+        self.final_norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, offset=cfg.norm_offset,
+                                  axis_name="embed", dtype=dtype)
+        self.lm_head = (
+            None if cfg.tie_word_embeddings
+            else Linear(cfg.hidden_size, cfg.vocab_size, axes=("embed", "vocab"), use_bias=False,
+                        dtype=dtype, rngs=rngs)
+        )
+
+    # -- the forward pass -------------------------------------------------------------
+    def hidden(self, tokens_BxT, *, positions_BxT=None, input_mask_BxT=None, cache: KVCache | None = None):
+        """Final-norm hidden states [B, T, D] and the updated cache (None without one)."""
+        cfg = self.config
+        b, t = tokens_BxT.shape
+        if input_mask_BxT is None:
+            input_mask_BxT = jnp.ones((b, t), bool)
+        input_mask_BxT = input_mask_BxT.astype(bool)
+        if cache is None:
+            end = jnp.zeros((), jnp.int32)
+            key_mask_BxS = input_mask_BxT
+            prior_tokens_B = jnp.zeros((b,), jnp.int32)
+            k_slots_S = jnp.arange(t)
+        else:
+            end = cache.end
+            prior_tokens_B = cache.mask_BxS.sum(axis=1).astype(jnp.int32)
+            key_mask_BxS = jax.lax.dynamic_update_slice(cache.mask_BxS, input_mask_BxT, (0, end))
+            k_slots_S = jnp.arange(cache.length)
+        if positions_BxT is None:
+            positions_BxT = prior_tokens_B[:, None] + jnp.cumsum(input_mask_BxT, axis=1) - 1
+            positions_BxT = jnp.maximum(positions_BxT, 0)
+        q_slots_T = end + jnp.arange(t)
+
+        causal_TxS = k_slots_S[None, :] <= q_slots_T[:, None]
+        full_BxTxS = key_mask_BxS[:, None, :] & causal_TxS[None]
+        sliding_BxTxS = full_BxTxS
+        if cfg.sliding_window is not None:
+            window_TxS = (q_slots_T[:, None] - k_slots_S[None, :]) < cfg.sliding_window
+            sliding_BxTxS = full_BxTxS & window_TxS[None]
+
+        x_BxTxD = self.embedding[...][tokens_BxT]
+        if cfg.embed_scale is not None:
+            x_BxTxD = x_BxTxD * jnp.asarray(cfg.embed_scale, self.dtype)
+        new_k, new_v = [], []
+        for i, block in enumerate(self.layers):
+            kv_cache = None if cache is None else (cache.k[i], cache.v[i])
+            mask_BxTxS = sliding_BxTxS if block.sliding else full_BxTxS
+            x_BxTxD, (k, v) = block(x_BxTxD, positions_BxT, mask_BxTxS, kv_cache, end)
+            new_k.append(k)
+            new_v.append(v)
+        x_BxTxD = self.final_norm(x_BxTxD)
+        if cache is None:
+            return x_BxTxD, None
+        return x_BxTxD, KVCache(k=tuple(new_k), v=tuple(new_v), mask_BxS=key_mask_BxS, end=end + t)
+
+    def logits(self, x_BxTxD):
+        """Vocabulary logits [.., V] in float32 from hidden states."""
+        if self.lm_head is None:
+            logits = jnp.einsum("...D,VD->...V", x_BxTxD, self.embedding[...],
+                                preferred_element_type=jnp.float32)
+        else:
+            logits = jnp.einsum("...D,DV->...V", x_BxTxD, self.lm_head.kernel[...],
+                                preferred_element_type=jnp.float32)
+        if self.config.final_logit_softcap is not None:
+            cap = self.config.final_logit_softcap
+            logits = jnp.tanh(logits / cap) * cap
+        return logits
+
+    def __call__(self, tokens_BxT, *, positions_BxT=None, input_mask_BxT=None):
+        x_BxTxD, _ = self.hidden(tokens_BxT, positions_BxT=positions_BxT, input_mask_BxT=input_mask_BxT)
+        return self.logits(x_BxTxD)
+
+    def decode(self, tokens_BxT, cache: KVCache, *, positions_BxT=None, input_mask_BxT=None):
+        """One prefill or decode step: (logits_BxTxV, new_cache)."""
+        x_BxTxD, cache = self.hidden(tokens_BxT, positions_BxT=positions_BxT, input_mask_BxT=input_mask_BxT,
+                                     cache=cache)
+        return self.logits(x_BxTxD), cache
+
+    def init_cache(self, batch: int, length: int) -> KVCache:
+        return KVCache.init(self.config, batch, length, self.dtype)
