@@ -1,0 +1,294 @@
+r"""Readers for preference, classification and SFT data, real sets first.
+
+Anthropic HH harmless (`hh_harmless/pairs.jsonl.gz`)
+    One JSON object a line, `{"chosen", "rejected"}`, each a whole dialogue
+    ("\n\nHuman: ...\n\nAssistant: ..."). The prompt is the prefix both share, up
+    to and including its last "\n\nAssistant:"; `chosen`/`rejected` are the rest of
+    each dialogue (they usually begin with a space). Taking the last marker inside
+    the *shared* prefix matters for two pairs whose chosen reply itself contains
+    "\n\nAssistant:".
+
+Taskmaster reward files (`taskmaster/<coffee|ticketing>/reward_*.json`)
+    A JSON list of `{"conversation_id", "context", "generation", "reward"}`, with
+    `context` a JSON-encoded list of turns and `generation` a JSON-encoded agent
+    turn. Rendered to text, one line per turn, lines joined by "\n":
+
+        User: <text>
+        Agent: <text>
+        Agent: API call: <call as JSON>
+        API response: <response as JSON>
+
+    then a last line "Agent:". The prompt ends with that "Agent:"; the response is
+    " " + what the generated turn would put after "Agent:" (its text, or
+    "API call: <JSON>"), so prompt + response reads like one more context line.
+    JSON is `json.dumps(value, ensure_ascii=False)` (keys in file order); newlines
+    inside a turn's text become spaces. The label is `reward` (1.0 good, 0.0 bad).
+
+Generic JSONL (`.jsonl`, or `.jsonl.gz`), one object a line, extra fields ignored,
+blank lines skipped:
+    preference  {"prompt", "chosen", "rejected"[, "margin"]}
+    labeled     {"prompt", "response", "label"}
+    sft         {"prompt", "response"}
+
+Errors name the file and line (or example index) and the field. Pairs whose
+chosen and rejected responses are identical are skipped and counted in
+`Loaded.skipped_identical` (and logged).
+"""
+
+from __future__ import annotations
+
+import glob
+import gzip
+import json
+import logging
+import math
+import os
+from typing import Iterator
+
+from pe_rlhf.data.examples import DataError, LabeledExample, Loaded, PreferenceExample, PromptResponse
+
+ASSISTANT = "\n\nAssistant:"
+
+# Locations of the real sets, relative to the data directory (see ../shared/data/README.md).
+HH_HARMLESS = "hh_harmless/pairs.jsonl.gz"
+TASKMASTER_COFFEE = "taskmaster/coffee"
+TASKMASTER_TICKETING = "taskmaster/ticketing"
+
+
+def default_data_dir() -> str:
+    """$PE_RLHF_DATA_DIR, else the `shared/data` directory beside the project checkout."""
+    env = os.environ.get("PE_RLHF_DATA_DIR")
+    if env:
+        return env
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    return os.path.join(os.path.dirname(repo), "shared", "data")
+
+
+# ---------------------------------------------------------------------------- helpers
+
+
+def _check_file(path: str, what: str) -> str:
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such file; expected {what}")
+    return path
+
+
+def _json_lines(path: str) -> Iterator[tuple[str, dict]]:
+    """(where, row) for each non-blank line; `where` is "path:line"."""
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rb") as f:
+        for number, raw in enumerate(f, start=1):
+            where = f"{path}:{number}"
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{where}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+            if not text.strip():
+                continue
+            try:
+                row = json.loads(text)
+            except json.JSONDecodeError as e:
+                raise DataError(
+                    f"{where}: malformed JSON ({e.msg} at column {e.colno}); each line must be one JSON object"
+                ) from None
+            if not isinstance(row, dict):
+                raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
+            yield where, row
+
+
+def _text(row: dict, name: str, where: str) -> str:
+    if name not in row:
+        raise DataError(f"{where}: missing field '{name}' (fields present: {', '.join(sorted(row)) or 'none'})")
+    value = row[name]
+    if not isinstance(value, str):
+        raise DataError(f"{where}: field '{name}' must be a string, got {type(value).__name__}")
+    return value
+
+
+def _number(row: dict, name: str, where: str, default: float | None = None) -> float:
+    if name not in row:
+        if default is not None:
+            return default
+        raise DataError(f"{where}: missing field '{name}' (fields present: {', '.join(sorted(row)) or 'none'})")
+    value = row[name]
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise DataError(f"{where}: field '{name}' must be a finite number, got {value!r}")
+    return float(value)
+
+
+def _finish(examples: list, source: str, skipped_identical: int = 0) -> Loaded:
+    if not examples and not skipped_identical:
+        raise DataError(f"{source}: no examples (the file is empty)")
+    if not examples:
+        raise DataError(f"{source}: no usable examples (all {skipped_identical} pairs have chosen == rejected)")
+    loaded = Loaded(tuple(examples), source, skipped_identical)
+    if skipped_identical:
+        logging.warning("%s", loaded.summary())
+    return loaded
+
+
+# ---------------------------------------------------------------------------- Anthropic HH
+
+
+def split_dialogues(chosen: str, rejected: str, where: str = "pair") -> tuple[str, str, str]:
+    """(prompt, chosen_response, rejected_response) of two whole HH dialogues."""
+    shared = os.path.commonprefix([chosen, rejected])
+    cut = shared.rfind(ASSISTANT)
+    if cut < 0:
+        raise DataError(
+            f"{where}: chosen and rejected share no prefix ending in {ASSISTANT!r}; "
+            "cannot split the prompt from the responses"
+        )
+    cut += len(ASSISTANT)
+    return chosen[:cut], chosen[cut:], rejected[cut:]
+
+
+def read_hh_harmless(path: str) -> Loaded:
+    """Anthropic HH pairs (whole dialogues in chosen/rejected) -> `PreferenceExample`s."""
+    path = _check_file(path, f"the Anthropic HH pairs file ({HH_HARMLESS} in the data directory)")
+    examples, identical = [], 0
+    for where, row in _json_lines(path):
+        chosen, rejected = _text(row, "chosen", where), _text(row, "rejected", where)
+        if chosen == rejected:
+            identical += 1
+            continue
+        examples.append(PreferenceExample(*split_dialogues(chosen, rejected, where)))
+    return _finish(examples, path, identical)
+
+
+# ---------------------------------------------------------------------------- Taskmaster
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.splitlines())
+
+
+def _agent_text(turn: dict, where: str) -> str:
+    """What an agent turn puts after "Agent:"."""
+    if "text" in turn:
+        return _one_line(_text(turn, "text", where))
+    if "api" in turn:
+        return "API call: " + json.dumps(turn["api"], ensure_ascii=False)
+    raise DataError(f"{where}: agent turn has neither 'text' nor 'api' (keys: {', '.join(sorted(turn))})")
+
+
+def render_turn(turn: dict, where: str = "turn") -> str:
+    """One Taskmaster turn as one line of text (format in the module docstring)."""
+    if not isinstance(turn, dict) or "role" not in turn:
+        raise DataError(f"{where}: a turn must be a JSON object with a 'role', got {turn!r:.80}")
+    role = turn["role"]
+    if role == "agent":
+        return "Agent: " + _agent_text(turn, where)
+    if role == "user":
+        return "User: " + _one_line(_text(turn, "text", where))
+    if role == "api":
+        if "response" not in turn:
+            raise DataError(f"{where}: api turn has no 'response' (keys: {', '.join(sorted(turn))})")
+        return "API response: " + json.dumps(turn["response"], ensure_ascii=False)
+    raise DataError(f"{where}: unknown role {role!r} (expected agent, user or api)")
+
+
+def render_taskmaster(context: list, generation: dict, where: str = "example") -> tuple[str, str]:
+    """(prompt, response) text of a Taskmaster context and generated agent turn."""
+    lines = [render_turn(turn, f"{where}, context turn {i}") for i, turn in enumerate(context)]
+    if not isinstance(generation, dict) or generation.get("role") != "agent":
+        raise DataError(f"{where}: field 'generation' must be an agent turn, got {generation!r:.80}")
+    return "\n".join(lines + ["Agent:"]), " " + _agent_text(generation, f"{where}, generation")
+
+
+def _decoded(row: dict, name: str, where: str, kind: type):
+    text = _text(row, name, where)
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{where}: field '{name}' is not valid JSON ({e.msg} at char {e.pos})") from None
+    if not isinstance(value, kind):
+        raise DataError(f"{where}: field '{name}' must encode a JSON {kind.__name__}, got {type(value).__name__}")
+    return value
+
+
+def read_taskmaster(path: str) -> Loaded:
+    """Taskmaster reward examples -> `LabeledExample`s; `path` is a reward_*.json file or their directory."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        files = sorted(glob.glob(os.path.join(path, "reward_*.json")))
+        if not files:
+            raise DataError(f"{path}: no reward_*.json files in this directory")
+    else:
+        files = [_check_file(path, "a Taskmaster reward_*.json file or a directory of them")]
+    examples = []
+    for file in files:
+        with open(file, encoding="utf-8") as f:
+            try:
+                rows = json.load(f)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{file}:{e.lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
+        if not isinstance(rows, list):
+            raise DataError(f"{file}: expected a JSON list of examples, got {type(rows).__name__}")
+        if not rows:
+            raise DataError(f"{file}: no examples (the list is empty)")
+        for i, row in enumerate(rows):
+            where = f"{file}: example {i}"
+            if not isinstance(row, dict):
+                raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
+            if isinstance(row.get("conversation_id"), str):
+                where += f" ({row['conversation_id']})"
+            context = _decoded(row, "context", where, list)
+            generation = _decoded(row, "generation", where, dict)
+            prompt, response = render_taskmaster(context, generation, where)
+            examples.append(LabeledExample(prompt, response, _number(row, "reward", where)))
+    return _finish(examples, path)
+
+
+# ---------------------------------------------------------------------------- generic JSONL
+
+
+def read_preference_jsonl(path: str) -> Loaded:
+    """`{prompt, chosen, rejected[, margin]}` lines -> `PreferenceExample`s (identical pairs skipped, counted)."""
+    path = _check_file(path, "a JSONL file of {prompt, chosen, rejected[, margin]} objects")
+    examples, identical = [], 0
+    for where, row in _json_lines(path):
+        prompt, chosen, rejected = (_text(row, k, where) for k in ("prompt", "chosen", "rejected"))
+        margin = _number(row, "margin", where, default=0.0)
+        if chosen == rejected:
+            identical += 1
+            continue
+        examples.append(PreferenceExample(prompt, chosen, rejected, margin))
+    return _finish(examples, path, identical)
+
+
+def read_labeled_jsonl(path: str) -> Loaded:
+    """`{prompt, response, label}` lines -> `LabeledExample`s."""
+    path = _check_file(path, "a JSONL file of {prompt, response, label} objects")
+    examples = [
+        LabeledExample(_text(row, "prompt", where), _text(row, "response", where), _number(row, "label", where))
+        for where, row in _json_lines(path)
+    ]
+    return _finish(examples, path)
+
+
+def read_sft_jsonl(path: str) -> Loaded:
+    """`{prompt, response}` lines -> `PromptResponse`s."""
+    path = _check_file(path, "a JSONL file of {prompt, response} objects")
+    examples = [PromptResponse(_text(row, "prompt", where), _text(row, "response", where))
+                for where, row in _json_lines(path)]
+    return _finish(examples, path)
+
+
+# ---------------------------------------------------------------------------- derived sets
+
+
+def sft_from_preferences(examples) -> tuple[PromptResponse, ...]:
+    """SFT examples from preference pairs: the prompt and its chosen response (HH chosen dialogues)."""
+    return tuple(PromptResponse(e.prompt, e.chosen) for e in examples)
+
+
+def sft_from_labeled(examples, min_label: float = 1.0) -> tuple[PromptResponse, ...]:
+    """SFT examples from labelled ones whose label is at least `min_label` (Taskmaster good generations)."""
+    return tuple(PromptResponse(e.prompt, e.response) for e in examples if e.label >= min_label)
+
+
+def prompts_of(examples) -> tuple[str, ...]:
+    """The distinct prompts of any examples, in first-seen order (RL prompt sets)."""
+    return tuple(dict.fromkeys(e.prompt for e in examples))
