@@ -1,0 +1,1 @@
+"""Evaluation: reward-model metrics, judges and win rates."""

@@ -1,0 +1,53 @@
+"""A scalar reward head on the decoder backbone, read at the last real token."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+from flax import nnx
+
+from pe_rlhf.models.transformer import Transformer
+
+
+def last_real_index(mask_BxT):
+    """Index of the last True of each row: works for left and right padding alike."""
+    t = mask_BxT.shape[1]
+    return t - 1 - jnp.argmax(mask_BxT[:, ::-1].astype(jnp.int32), axis=1)
+
+
+class ScalarHead(nnx.Module):
+    """r = h · w + b in float32. Zero-initialised weight: a fresh reward model scores every text 0."""
+
+    def __init__(self, hidden_size: int):
+        self.kernel = nnx.Param(jnp.zeros((hidden_size,), jnp.float32), logical_axes=("embed",))
+        self.bias = nnx.Param(jnp.zeros((), jnp.float32), logical_axes=())
+
+    def __call__(self, h_BxD):
+        return h_BxD.astype(jnp.float32) @ self.kernel[...] + self.bias[...]
+
+
+class RewardModel(nnx.Module):
+    """Backbone + `ScalarHead`. The backbone may be shared with a policy (same Python object).
+
+    `adapters` names the LoRA adapters active while scoring (None: leave the backbone as it is);
+    this is how a reward adapter and a policy adapter share one copy of the base weights.
+    """
+
+    def __init__(self, backbone: Transformer, *, adapters: tuple[str, ...] | None = None):
+        self.backbone = backbone
+        self.head = ScalarHead(backbone.config.hidden_size)
+        self.adapters = adapters
+
+    def __call__(self, tokens_BxT, mask_BxT):
+        mask_BxT = mask_BxT.astype(bool)
+        if self.adapters is None:
+            h_BxTxD, _ = self.backbone.hidden(tokens_BxT, input_mask_BxT=mask_BxT)
+        else:
+            from pe_rlhf.models.lora import use_adapters
+
+            with use_adapters(self.backbone, *self.adapters):
+                h_BxTxD, _ = self.backbone.hidden(tokens_BxT, input_mask_BxT=mask_BxT)
+        idx_B = last_real_index(mask_BxT)
+        h_BxD = jnp.take_along_axis(h_BxTxD, idx_B[:, None, None], axis=1)[:, 0]
+        return self.head(h_BxD)
+
+

@@ -1,0 +1,58 @@
+"""Reward-model and SFT losses: pure functions of scores, labels and masks."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def bradley_terry_loss(r_chosen_B, r_rejected_B, margin_B=None, *, center_coef: float = 0.0):
+    """-log σ(r_c − r_r − margin), mean over pairs, plus center_coef · mean((r_c + r_r)²).
+
+    The centring term (Eisenstein et al., 2023, "Helping or herding?") keeps rewards near zero
+    without changing which response is preferred. Returns (loss, metrics).
+    """
+    margin_B = jnp.zeros_like(r_chosen_B) if margin_B is None else margin_B
+    diff_B = r_chosen_B - r_rejected_B - margin_B
+    nll = -jnp.mean(jax.nn.log_sigmoid(diff_B))
+    centring = jnp.mean(jnp.square(r_chosen_B + r_rejected_B))
+    loss = nll + center_coef * centring
+    metrics = {
+        "loss": loss,
+        "bt_nll": nll,
+        "accuracy": jnp.mean((r_chosen_B > r_rejected_B).astype(jnp.float32)),
+        "reward_margin": jnp.mean(r_chosen_B - r_rejected_B),
+        "reward_mean": jnp.mean(0.5 * (r_chosen_B + r_rejected_B)),
+    }
+    return loss, metrics
+
+
+def binary_cross_entropy_loss(logits_B, labels_B):
+    """Sigmoid cross-entropy for 0/1 labels (Taskmaster good/bad generations). Returns (loss, metrics)."""
+    labels_B = labels_B.astype(jnp.float32)
+    loss = -jnp.mean(labels_B * jax.nn.log_sigmoid(logits_B) + (1 - labels_B) * jax.nn.log_sigmoid(-logits_B))
+    metrics = {
+        "loss": loss,
+        "accuracy": jnp.mean(((logits_B > 0) == (labels_B > 0.5)).astype(jnp.float32)),
+        "reward_mean": jnp.mean(logits_B),
+    }
+    return loss, metrics
+
+
+def token_logprobs(logits_BxTxV, targets_BxT):
+    """log p(target) per position, in float32."""
+    logp_BxTxV = jax.nn.log_softmax(logits_BxTxV.astype(jnp.float32), axis=-1)
+    return jnp.take_along_axis(logp_BxTxV, targets_BxT[..., None], axis=-1)[..., 0]
+
+
+def next_token_loss(logits_BxTxV, tokens_BxT, loss_mask_BxT):
+    """SFT cross-entropy: position t predicts token t+1; only targets with loss_mask count.
+
+    `loss_mask_BxT` marks the tokens to be predicted (the response), so prompt tokens are
+    never targets. Mean over counted tokens. Returns (loss, metrics) with the token count.
+    """
+    logp_BxTm1 = token_logprobs(logits_BxTxV[:, :-1], tokens_BxT[:, 1:])
+    mask_BxTm1 = loss_mask_BxT[:, 1:].astype(jnp.float32)
+    count = jnp.maximum(mask_BxTm1.sum(), 1.0)
+    loss = -(logp_BxTm1 * mask_BxTm1).sum() / count
+    return loss, {"loss": loss, "tokens": mask_BxTm1.sum(), "perplexity": jnp.exp(loss)}

@@ -1,0 +1,77 @@
+"""Pure train steps: `step(trainable, opt_state, frozen, batch) -> (trainable, opt_state, metrics)`.
+
+`trainable` is the LoRA adapters (+ head) in parameter-efficient mode, or every parameter when
+fully fine-tuning; `frozen` is the rest. The split is made once, with `nnx.split(model, filter, ...)`,
+so Optax state exists only for what trains. Loss functions take the merged module and a batch of
+NumPy/JAX arrays and return (loss, metrics); they are chosen by reference (gin binds them).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from pe_rlhf.train import losses
+
+
+# -- loss functions over a merged module ---------------------------------------------------
+def pairwise_reward_loss(model, batch, *, center_coef: float = 0.0):
+    """Bradley-Terry on a RewardModel; chosen and rejected go through one forward pass of 2B rows."""
+    b = batch["chosen_tokens_BxT"].shape[0]
+    tokens = jnp.concatenate([batch["chosen_tokens_BxT"], batch["rejected_tokens_BxT"]], axis=0)
+    mask = jnp.concatenate([batch["chosen_mask_BxT"], batch["rejected_mask_BxT"]], axis=0)
+    r_2B = model(tokens, mask)
+    return losses.bradley_terry_loss(r_2B[:b], r_2B[b:], batch.get("margin_B"), center_coef=center_coef)
+
+
+def classification_reward_loss(model, batch):
+    """Binary cross-entropy of a RewardModel's score against 0/1 labels."""
+    return losses.binary_cross_entropy_loss(model(batch["tokens_BxT"], batch["mask_BxT"]), batch["label_B"])
+
+
+def sft_loss(model, batch):
+    """Next-token cross-entropy on response tokens of a Transformer."""
+    logits_BxTxV = model(batch["tokens_BxT"], input_mask_BxT=batch["mask_BxT"].astype(bool))
+    return losses.next_token_loss(logits_BxTxV, batch["tokens_BxT"], batch["response_mask_BxT"])
+
+
+# -- the step -------------------------------------------------------------------------------
+def train_step(trainable, opt_state, frozen, batch, *, graphdef, tx: optax.GradientTransformation,
+               loss_fn: Callable):
+    """One optimizer update of `trainable`; `frozen` is read, never written."""
+
+    def loss_of(trainable):
+        model = nnx.merge(graphdef, trainable, frozen)
+        return loss_fn(model, batch)
+
+    (loss, metrics), grads = jax.value_and_grad(loss_of, has_aux=True)(trainable)
+    updates, opt_state = tx.update(grads, opt_state, trainable)
+    trainable = optax.apply_updates(trainable, updates)
+    metrics = dict(metrics, grad_norm=optax.global_norm(grads))
+    return trainable, opt_state, metrics
+
+
+def eval_step(trainable, frozen, batch, *, graphdef, loss_fn: Callable):
+    model = nnx.merge(graphdef, trainable, frozen)
+    return loss_fn(model, batch)[1]
+
+
+@dataclasses.dataclass
+class Stepper:
+    """Jits `train_step`/`eval_step` once, with donation and (optionally) explicit shardings."""
+
+    graphdef: Any
+    tx: optax.GradientTransformation
+    loss_fn: Callable
+    donate: bool = True
+
+    def __post_init__(self):
+        step = lambda tr, os, fr, b: train_step(tr, os, fr, b, graphdef=self.graphdef, tx=self.tx,
+                                                loss_fn=self.loss_fn)
+        self.train = jax.jit(step, donate_argnums=(0, 1) if self.donate else ())
+        self.eval = jax.jit(lambda tr, fr, b: eval_step(tr, fr, b, graphdef=self.graphdef, loss_fn=self.loss_fn))

