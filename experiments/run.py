@@ -22,7 +22,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from pe_rlhf import data as D  # noqa: E402
 from pe_rlhf.data.named import named_dataset  # noqa: E402
 from pe_rlhf.models.lora import LoRAConfig  # noqa: E402
-from pe_rlhf.train import supervised  # noqa: E402
+from pe_rlhf.data import toy  # noqa: E402
+from pe_rlhf.train import pipeline, rl_loop, supervised  # noqa: E402
+from pe_rlhf.train.policy import RLConfig  # noqa: E402
 from pe_rlhf.train.optim import OptimizerConfig  # noqa: E402
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
@@ -30,11 +32,14 @@ CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
 
 def _register():
     """Everything a config may bind, under short names."""
-    for fn in (supervised.train_reward_model, supervised.train_sft, named_dataset, D.read_hh_harmless,
-               D.read_taskmaster, D.read_preference_jsonl, D.read_labeled_jsonl, D.read_sft_jsonl):
+    for fn in (supervised.train_reward_model, supervised.train_sft, rl_loop.train_policy, named_dataset, D.read_hh_harmless,
+               D.read_taskmaster, D.read_preference_jsonl, D.read_labeled_jsonl, D.read_sft_jsonl,
+               pipeline.rlhf_pipeline):
         gin.external_configurable(fn, name=fn.__name__)
+    for fn in (toy.preference_pairs, toy.sft_demonstrations, toy.prompts, toy.gold_reward):
+        gin.external_configurable(fn, name=fn.__name__, module="toy")
     for cls in (supervised.TuningConfig, supervised.LoopConfig, supervised.DataConfig, OptimizerConfig,
-                LoRAConfig):
+                LoRAConfig, RLConfig):
         gin.external_configurable(cls, name=cls.__name__)
 
 

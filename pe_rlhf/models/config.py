@@ -108,6 +108,7 @@ class ModelConfig:
     final_logit_softcap: float | None = None
     tie_word_embeddings: bool = False
     max_position_embeddings: int = 8192
+    initializer_range: float = 0.02  # std of random init (checkpoints overwrite it)
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     pad_token_id: int | None = None
@@ -225,6 +226,7 @@ def from_hf_config(hf_config, where: str = "config") -> ModelConfig:
         final_logit_softcap=getattr(c, "final_logit_softcapping", None),
         tie_word_embeddings=bool(getattr(c, "tie_word_embeddings", False)),
         max_position_embeddings=int(getattr(c, "max_position_embeddings", 8192) or 8192),
+        initializer_range=float(getattr(c, "initializer_range", 0.02) or 0.02),
         bos_token_id=getattr(c, "bos_token_id", None),
         eos_token_ids=_eos_ids(getattr(c, "eos_token_id", None)),
         pad_token_id=getattr(c, "pad_token_id", None),

@@ -25,7 +25,7 @@ from pe_rlhf.models.config import ModelConfig
 _MASKED = -2.3819763e38  # large finite negative: fully masked rows stay finite
 
 
-def _normal(rngs: nnx.Rngs, shape, dtype, stddev=0.02):
+def _normal(rngs: nnx.Rngs, shape, dtype, stddev: float):
     return (stddev * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
 
 
@@ -33,8 +33,8 @@ class Linear(nnx.Module):
     """y = x @ kernel (+ bias); kernel is [in, out]."""
 
     def __init__(self, in_features: int, out_features: int, *, axes: tuple[str, str], use_bias: bool,
-                 dtype, rngs: nnx.Rngs):
-        self.kernel = nnx.Param(_normal(rngs, (in_features, out_features), dtype), logical_axes=axes)
+                 dtype, rngs: nnx.Rngs, init_std: float = 0.02):
+        self.kernel = nnx.Param(_normal(rngs, (in_features, out_features), dtype, init_std), logical_axes=axes)
         self.bias = (
             nnx.Param(jnp.zeros((out_features,), dtype), logical_axes=(axes[1],)) if use_bias else None
         )
@@ -99,10 +99,14 @@ class KVCache:
 class Attention(nnx.Module):
     def __init__(self, cfg: ModelConfig, layer: int, *, dtype, rngs: nnx.Rngs):
         d, n, k, h = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        self.q_proj = Linear(d, n * h, axes=("embed", "heads"), use_bias=cfg.qkv_bias, dtype=dtype, rngs=rngs)
-        self.k_proj = Linear(d, k * h, axes=("embed", "kv"), use_bias=cfg.qkv_bias, dtype=dtype, rngs=rngs)
-        self.v_proj = Linear(d, k * h, axes=("embed", "kv"), use_bias=cfg.qkv_bias, dtype=dtype, rngs=rngs)
-        self.o_proj = Linear(n * h, d, axes=("heads", "embed"), use_bias=cfg.o_bias, dtype=dtype, rngs=rngs)
+        self.q_proj = Linear(d, n * h, axes=("embed", "heads"), use_bias=cfg.qkv_bias, dtype=dtype, rngs=rngs,
+                             init_std=cfg.initializer_range)
+        self.k_proj = Linear(d, k * h, axes=("embed", "kv"), use_bias=cfg.qkv_bias, dtype=dtype, rngs=rngs,
+                             init_std=cfg.initializer_range)
+        self.v_proj = Linear(d, k * h, axes=("embed", "kv"), use_bias=cfg.qkv_bias, dtype=dtype, rngs=rngs,
+                             init_std=cfg.initializer_range)
+        self.o_proj = Linear(n * h, d, axes=("heads", "embed"), use_bias=cfg.o_bias, dtype=dtype, rngs=rngs,
+                             init_std=cfg.initializer_range)
         if cfg.qk_norm:
             kw = dict(eps=cfg.rms_norm_eps, offset=cfg.norm_offset, axis_name="head_dim", dtype=dtype)
             self.q_norm = RMSNorm(h, **kw)
@@ -152,9 +156,12 @@ class Attention(nnx.Module):
 class MLP(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, dtype, rngs: nnx.Rngs):
         d, f, bias = cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias
-        self.gate_proj = Linear(d, f, axes=("embed", "mlp"), use_bias=bias, dtype=dtype, rngs=rngs)
-        self.up_proj = Linear(d, f, axes=("embed", "mlp"), use_bias=bias, dtype=dtype, rngs=rngs)
-        self.down_proj = Linear(f, d, axes=("mlp", "embed"), use_bias=bias, dtype=dtype, rngs=rngs)
+        self.gate_proj = Linear(d, f, axes=("embed", "mlp"), use_bias=bias, dtype=dtype, rngs=rngs,
+                              init_std=cfg.initializer_range)
+        self.up_proj = Linear(d, f, axes=("embed", "mlp"), use_bias=bias, dtype=dtype, rngs=rngs,
+                              init_std=cfg.initializer_range)
+        self.down_proj = Linear(f, d, axes=("mlp", "embed"), use_bias=bias, dtype=dtype, rngs=rngs,
+                              init_std=cfg.initializer_range)
         self.activation = cfg.activation
 
     def __call__(self, x_BxTxD):
@@ -204,7 +211,8 @@ class Transformer(nnx.Module):
         self.config = cfg
         self.dtype = dtype
         self.embedding = nnx.Param(
-            _normal(rngs, (cfg.vocab_size, cfg.hidden_size), dtype), logical_axes=("vocab", "embed")
+            _normal(rngs, (cfg.vocab_size, cfg.hidden_size), dtype, cfg.initializer_range),
+            logical_axes=("vocab", "embed")
         )
         self.layers = nnx.List([Block(cfg, i, dtype=dtype, rngs=rngs) for i in range(cfg.num_layers)])
         self.final_norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, offset=cfg.norm_offset,
@@ -212,7 +220,7 @@ class Transformer(nnx.Module):
         self.lm_head = (
             None if cfg.tie_word_embeddings
             else Linear(cfg.hidden_size, cfg.vocab_size, axes=("embed", "vocab"), use_bias=False,
-                        dtype=dtype, rngs=rngs)
+                        dtype=dtype, rngs=rngs, init_std=cfg.initializer_range)
         )
 
     # -- the forward pass -------------------------------------------------------------
