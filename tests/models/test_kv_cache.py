@@ -1,0 +1,127 @@
+"""Decoding with a KV cache gives the logits of recomputing the whole sequence."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from pe_rlhf.models import ModelConfig, RopeConfig, Transformer
+from tests.models.helpers import randomize
+
+V = 128
+_BASE = dict(vocab_size=V, hidden_size=64, intermediate_size=96, num_layers=3, num_heads=4, num_kv_heads=2,
+             head_dim=16)
+# Llama (GQA, llama3 rope) and Gemma 3 (QK-norm, sliding and full layers, two rope bases). Qwen's
+# switches (QKV bias, QK-norm) act before the cache is written and are covered by test_parity.py.
+CONFIGS = {
+    "llama": ModelConfig(family="llama", **_BASE,
+                         rope=RopeConfig(theta=10_000.0, kind="llama3", factor=8.0,
+                                         original_max_position_embeddings=64)),
+    # Window 3 is shorter than the prompt (5) and than prompt + generated (12).
+    "gemma3": ModelConfig(family="gemma3", **_BASE, qk_norm=True, sliding_window=3,
+                          layer_types=("sliding_attention", "full_attention", "sliding_attention"),
+                          rope=RopeConfig(theta=1_000_000.0), local_rope=RopeConfig(theta=100.0),
+                          query_pre_attn_scalar=24),
+}
+# All untied: with random tied embeddings greedy decoding just repeats the last token, a weak test.
+# (Tied heads are checked against transformers in test_parity.py.)
+
+# Jitted entry points, as the sampler uses them; tiny models compile in about a second.
+_forward = nnx.jit(lambda model, ids, mask: model(ids, input_mask_BxT=mask))
+_decode = nnx.jit(lambda model, ids, cache, mask: model.decode(ids, cache, input_mask_BxT=mask))
+
+# Prompts of 5, 3 and 1 real tokens, left-padded to 5; 7 greedy tokens; 2 cache slots left unused.
+PROMPT_LENGTHS, T, STEPS, SPARE = [5, 3, 1], 5, 7, 2
+
+
+@pytest.fixture(scope="module", params=sorted(CONFIGS))
+def model(request):
+    # Seed 3: no greedy row collapses into repeating one token (checked below).
+    return randomize(Transformer(CONFIGS[request.param], rngs=nnx.Rngs(0)), seed=3)
+
+
+def _prompt(lengths, total, seed=0):
+    ids = np.random.RandomState(seed).randint(1, V, (len(lengths), total)).astype(np.int32)
+    mask = np.arange(total)[None, :] >= total - np.asarray(lengths)[:, None]
+    return jnp.asarray(np.where(mask, ids, 0)), jnp.asarray(mask)
+
+
+def test_greedy_decode_matches_recomputation(model):
+    ids_BxT, mask_BxT = _prompt(PROMPT_LENGTHS, T)
+    b = ids_BxT.shape[0]
+
+    # With the cache: prefill, then one token at a time, feeding back the argmax.
+    cache = model.init_cache(b, T + STEPS + SPARE)
+    prefill_BxTxV, cache = _decode(model, ids_BxT, cache, mask_BxT)
+    step_logits = [prefill_BxTxV[:, -1]]
+    tokens = [step_logits[-1].argmax(-1)]
+    for _ in range(STEPS - 1):
+        logits_Bx1xV, cache = _decode(model, tokens[-1][:, None], cache, None)
+        step_logits.append(logits_Bx1xV[:, 0])
+        tokens.append(step_logits[-1].argmax(-1))
+    assert int(cache.end) == T + STEPS - 1
+    cached_BxNxV = np.stack([np.asarray(x) for x in step_logits], 1)
+    cached_tokens_BxN = np.stack([np.asarray(t) for t in tokens], 1)
+
+    # Without: the whole sequence through model(...) at every step. One fixed shape [B, T + STEPS]
+    # (slots not yet generated are zeros; causality keeps them out of earlier positions).
+    seq_BxL = jnp.concatenate([ids_BxT, jnp.zeros((b, STEPS), jnp.int32)], 1)
+    seq_mask_BxL = jnp.concatenate([mask_BxT, jnp.ones((b, STEPS), bool)], 1)
+    full_logits, full_tokens = [], []
+    for i in range(STEPS):
+        logits_BxLxV = np.asarray(_forward(model, seq_BxL, seq_mask_BxL))
+        full_logits.append(logits_BxLxV[:, T - 1 + i])
+        full_tokens.append(logits_BxLxV[:, T - 1 + i].argmax(-1))
+        seq_BxL = seq_BxL.at[:, T + i].set(full_tokens[-1])
+
+    np.testing.assert_array_equal(cached_tokens_BxN, np.stack(full_tokens, 1))
+    np.testing.assert_allclose(cached_BxNxV, np.stack(full_logits, 1), rtol=0, atol=1e-4)
+    # The prefill's own logits at the prompt's real positions match too.
+    real = np.asarray(mask_BxT)
+    np.testing.assert_allclose(np.asarray(prefill_BxTxV)[real], logits_BxLxV[:, :T][real], rtol=0, atol=1e-4)
+    # Not a degenerate case: no row just repeats one token.
+    assert min(len(set(row)) for row in cached_tokens_BxN.tolist()) >= 3, cached_tokens_BxN
+
+
+def test_prefill_in_two_chunks_equals_one(model):
+    # Rows 1 and 2 are all padding in the first chunk. Chunks of T and the cache length of the greedy
+    # test reuse its compiled functions.
+    lengths, total, split = [10, 5, 2], 2 * T, T
+    ids_BxT, mask_BxT = _prompt(lengths, total, seed=3)
+    b, length = ids_BxT.shape[0], T + STEPS + SPARE
+
+    one_BxTxV, one = _decode(model, ids_BxT, model.init_cache(b, length), mask_BxT)
+    first, cache = _decode(model, ids_BxT[:, :split], model.init_cache(b, length), mask_BxT[:, :split])
+    second, two = _decode(model, ids_BxT[:, split:], cache, mask_BxT[:, split:])
+    two_BxTxV = np.concatenate([np.asarray(first), np.asarray(second)], 1)
+
+    real_BxT = np.asarray(mask_BxT)
+    np.testing.assert_allclose(two_BxTxV[real_BxT], np.asarray(one_BxTxV)[real_BxT], rtol=0, atol=1e-4)
+    assert int(one.end) == int(two.end) == total
+    np.testing.assert_array_equal(np.asarray(two.mask_BxS), np.asarray(one.mask_BxS))
+    np.testing.assert_array_equal(np.asarray(one.mask_BxS)[:, :total], real_BxT)
+    for layer in range(model.config.num_layers):  # keys and values of real tokens (padding slots are masked)
+        for a, c in ((one.k[layer], two.k[layer]), (one.v[layer], two.v[layer])):
+            np.testing.assert_allclose(np.asarray(a)[:, :total][real_BxT], np.asarray(c)[:, :total][real_BxT],
+                                       rtol=0, atol=1e-5)
+
+    # And the next token decodes the same from either cache.
+    nxt_Bx1 = jnp.asarray(np.asarray(one_BxTxV[:, -1].argmax(-1))[:, None])
+    a, _ = _decode(model, nxt_Bx1, one, None)
+    c, _ = _decode(model, nxt_Bx1, two, None)
+    np.testing.assert_allclose(np.asarray(a), np.asarray(c), rtol=0, atol=1e-4)
+
+
+def test_sliding_window_is_in_effect():
+    """Guards the gemma3 case above against passing vacuously: the window changes the late logits."""
+    cfg = CONFIGS["gemma3"]
+    windowed = randomize(Transformer(cfg, rngs=nnx.Rngs(0)), seed=3)
+    # Same layers (and local rope) with a window longer than the sequence.
+    unwindowed = nnx.merge(nnx.graphdef(Transformer(cfg.replace(sliding_window=1000), rngs=nnx.Rngs(0))),
+                           nnx.state(windowed))
+    ids_BxT, mask_BxT = _prompt([T + STEPS] * 3, T + STEPS)
+    a = np.asarray(_forward(windowed, ids_BxT, mask_BxT))
+    c = np.asarray(_forward(unwindowed, ids_BxT, mask_BxT))
+    # Positions 0..2 see at most 3 tokens, so the window cuts nothing there; later positions differ.
+    np.testing.assert_allclose(a[:, :3], c[:, :3], rtol=0, atol=1e-5)
+    assert np.abs(a[:, 3:] - c[:, 3:]).max() > 1e-2
