@@ -80,11 +80,14 @@ def fill_model(cfg: ModelConfig, tensors: Iterator[tuple[str, Callable[[], np.nd
         if path is None:
             continue  # e.g. rotary buffers, vision towers: not part of the text decoder
         expected = variables[path].get_value().shape
-        array = to_ours(path, load())
+        raw = load()
+        array = to_ours(path, raw)
         if tuple(array.shape) != tuple(expected):
+            hf_expected = tuple(reversed(expected)) if path[-1] == "kernel" else tuple(expected)
             raise CheckpointError(
-                f"{where}: tensor {hf_name!r} has shape {tuple(array.shape)} after orientation, but parameter "
-                f"{path_str(path)} of this {cfg.family} config needs {tuple(expected)}"
+                f"{where}: tensor {hf_name!r} has shape {tuple(raw.shape)} in the file, but parameter "
+                f"{path_str(path)} of this {cfg.family} config needs {hf_expected} in the file "
+                f"({tuple(expected)} in our [in, out] orientation)"
             )
         variables[path].set_value(jnp.asarray(array, dtype=dtype))
         filled.add(path)
@@ -112,7 +115,13 @@ def iter_safetensors(directory: str):
     from safetensors import safe_open
 
     for file in _safetensors_files(directory):
-        with safe_open(file, framework="flax") as f:
+        try:
+            handle = safe_open(file, framework="flax")
+        except FileNotFoundError:
+            raise
+        except Exception as e:  # safetensors raises its own error type without the file name
+            raise CheckpointError(f"{file}: not a readable safetensors file ({e})") from e
+        with handle as f:
             for name in f.keys():
                 yield name, (lambda f=f, name=name: f.get_tensor(name)), file
 

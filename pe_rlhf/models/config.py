@@ -203,6 +203,13 @@ def from_hf_config(hf_config, where: str = "config") -> ModelConfig:
         sliding_window = None  # Qwen configs carry a window they do not use
     if family == "llama":
         sliding_window = None
+    try:
+        return _model_config(c, family, head_dim, rope, local_rope, sliding_window, layer_types)
+    except ValueError as e:
+        raise type(e)(f"{where}: {e}") from e
+
+
+def _model_config(c, family, head_dim, rope, local_rope, sliding_window, layer_types) -> ModelConfig:
     return ModelConfig(
         family=family,
         vocab_size=c.vocab_size,

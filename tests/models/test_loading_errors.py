@@ -100,8 +100,9 @@ def test_wrongly_shaped_kernel(checkpoint):
         from_pretrained(str(checkpoint))
     message = str(e.value)
     assert repr(UP) in message and "layers.1.mlp.up_proj.kernel" in message
-    # Shapes are reported in our [in, out] orientation ("after orientation").
-    assert "(63, 96)" in message and "(64, 96)" in message
+    # The file's shape and the expected one in the file's [out, in] orientation, and ours for reference.
+    assert "has shape (96, 63) in the file" in message and "needs (96, 64) in the file" in message
+    assert "(64, 96) in our [in, out] orientation" in message
 
 
 def test_config_without_safetensors(checkpoint):
@@ -140,3 +141,23 @@ def test_damaged_gguf(tmp_path):
     with pytest.raises(CheckpointError) as e:
         from_pretrained(str(path))
     assert str(path) in str(e.value) and "not a readable GGUF file" in str(e.value)
+
+
+def test_damaged_safetensors_names_the_file(checkpoint):
+    with open(checkpoint / "model.safetensors", "wb") as f:
+        f.write(b"\xff" * 64)
+    with pytest.raises(CheckpointError) as e:
+        from_pretrained(str(checkpoint))
+    assert str(checkpoint / "model.safetensors") in str(e.value) and "not a readable safetensors" in str(e.value)
+
+
+def test_bad_head_counts_name_the_config_file(checkpoint):
+    import json
+
+    path = checkpoint / "config.json"
+    config = json.loads(path.read_text())
+    config["num_key_value_heads"] = 3
+    path.write_text(json.dumps(config))
+    with pytest.raises(ValueError) as e:
+        from_pretrained(str(checkpoint))
+    assert str(path) in str(e.value) and "multiple of num_kv_heads (3)" in str(e.value)
