@@ -37,17 +37,28 @@ class RewardModel(nnx.Module):
         self.head = ScalarHead(backbone.config.hidden_size)
         self.adapters = adapters
 
-    def __call__(self, tokens_BxT, mask_BxT):
-        mask_BxT = mask_BxT.astype(bool)
+    def _hidden(self, tokens_BxT, mask_BxT):
         if self.adapters is None:
-            h_BxTxD, _ = self.backbone.hidden(tokens_BxT, input_mask_BxT=mask_BxT)
-        else:
-            from pe_rlhf.models.lora import use_adapters
+            return self.backbone.hidden(tokens_BxT, input_mask_BxT=mask_BxT)[0]
+        from pe_rlhf.models.lora import use_adapters
 
-            with use_adapters(self.backbone, *self.adapters):
-                h_BxTxD, _ = self.backbone.hidden(tokens_BxT, input_mask_BxT=mask_BxT)
+        with use_adapters(self.backbone, *self.adapters):
+            return self.backbone.hidden(tokens_BxT, input_mask_BxT=mask_BxT)[0]
+
+    def __call__(self, tokens_BxT, mask_BxT):
+        """One score per sequence, read at its last real token: [B]."""
+        mask_BxT = mask_BxT.astype(bool)
+        h_BxTxD = self._hidden(tokens_BxT, mask_BxT)
         idx_B = last_real_index(mask_BxT)
         h_BxD = jnp.take_along_axis(h_BxTxD, idx_B[:, None, None], axis=1)[:, 0]
         return self.head(h_BxD)
+
+    def token_values(self, tokens_BxL, mask_BxL, prompt_len: int):
+        """A score at every position that predicts a response token (PPO's value of each state): [B, N].
+
+        Aligned with the policy's response logits: column n reads position prompt_len - 1 + n.
+        """
+        h_BxLxD = self._hidden(tokens_BxL, mask_BxL.astype(bool))
+        return self.head(h_BxLxD[:, prompt_len - 1:-1])
 
 

@@ -1,5 +1,5 @@
 """The jit-compiled sampler."""
 
-from pe_rlhf.sampling.sampler import SampleOutput, SamplingConfig, filter_logits, sample
+from pe_rlhf.sampling.sampler import SampleOutput, SamplingConfig, filter_logits, sample, sample_traced
 
-__all__ = ["SampleOutput", "SamplingConfig", "filter_logits", "sample"]
+__all__ = ["SampleOutput", "SamplingConfig", "filter_logits", "sample", "sample_traced"]

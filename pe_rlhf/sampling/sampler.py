@@ -75,8 +75,9 @@ def _choose(logits_BxV, greedy_B, rng, cfg: SamplingConfig):
     return jnp.where(greedy_B, greedy_tok_B, sampled_tok_B)
 
 
-def _sample(model: Transformer, prompt_BxT, prompt_mask_BxT, greedy_B, rng, eos_ids, pad_id,
-            cfg: SamplingConfig) -> SampleOutput:
+def sample_traced(model: Transformer, prompt_BxT, prompt_mask_BxT, greedy_B, rng, eos_ids, pad_id,
+                  cfg: SamplingConfig) -> SampleOutput:
+    """The sampler's body, for use inside a function that is already being jit-compiled (the RL step)."""
     b, t = prompt_BxT.shape
     n = cfg.max_new_tokens
     cache = model.init_cache(b, t + n)
@@ -118,7 +119,7 @@ def _sample(model: Transformer, prompt_BxT, prompt_mask_BxT, greedy_B, rng, eos_
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "eos_ids", "pad_id", "cfg"))
 def _sample_jit(graphdef, state, prompt_BxT, prompt_mask_BxT, greedy_B, rng, eos_ids, pad_id, cfg):
-    return _sample(nnx.merge(graphdef, state), prompt_BxT, prompt_mask_BxT, greedy_B, rng, eos_ids, pad_id, cfg)
+    return sample_traced(nnx.merge(graphdef, state), prompt_BxT, prompt_mask_BxT, greedy_B, rng, eos_ids, pad_id, cfg)
 
 
 def sample(model: Transformer, prompt_BxT, prompt_mask_BxT=None, *, rng=None, max_new_tokens: int = 64,

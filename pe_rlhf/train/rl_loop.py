@@ -1,0 +1,247 @@
+"""The RL stage of PE-RLHF: a LoRA policy optimised against a reward model (or a reward function).
+
+Reads in the order of the run: build the backbone and the policy adapter, attach
+the reward (on the same backbone when the reward model shares its base
+checkpoint), tokenise the prompts, restore or start, then loop: step, log,
+evaluate, checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import logging
+import os
+import time
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from pe_rlhf import data as D
+from pe_rlhf.checkpoints.orbax_io import RunCheckpointer
+from pe_rlhf.models import lora
+from pe_rlhf.models.heads import RewardModel
+from pe_rlhf.sampling.sampler import SamplingConfig, sample_traced
+from pe_rlhf.train.optim import OptimizerConfig, make_optimizer
+from pe_rlhf.train.policy import PolicyStepper, RLConfig, RLModules, guard_nonfinite, skipped_steps
+from pe_rlhf.train.supervised import DataConfig, LoopConfig, TuningConfig, load_backbone, trainable_filter
+from pe_rlhf.train.writer import MetricsWriter
+
+log = logging.getLogger(__name__)
+
+
+class RewardModelMismatch(ValueError):
+    """A reward model that cannot score this policy's tokens."""
+
+
+def _same_vocab(a, b) -> bool:
+    return a is b or (len(a) == len(b) and a.get_vocab() == b.get_vocab())
+
+
+def attach_reward_model(backbone, tokenizer, rm_workdir: str, *, policy_model: str, dtype: str) -> RewardModel:
+    """The reward model trained in `rm_workdir`, restored from its latest checkpoint.
+
+    If it is a LoRA reward model on the same base checkpoint as the policy, its adapter and
+    head are added to the policy's backbone (one copy of the base weights serves both);
+    otherwise it gets its own frozen backbone.
+    """
+    info_path = os.path.join(rm_workdir, "run_info.json")
+    if not os.path.exists(info_path):
+        raise FileNotFoundError(f"{rm_workdir}: no run_info.json; expected the workdir of a reward-model run")
+    with open(info_path) as f:
+        info = json.load(f)
+    if info.get("stage") != "reward_model":
+        raise RewardModelMismatch(f"{info_path}: stage is {info.get('stage')!r}, not a reward model")
+    adapter = info["adapter"]
+    shared = info["tuning"] == "lora" and info["model"] == policy_model
+    if shared:
+        cfg = info["lora"]
+        lora.add_lora(backbone, adapter, lora.LoRAConfig(rank=cfg["rank"], alpha=cfg["alpha"], targets=cfg["targets"]))
+        rm = RewardModel(backbone, adapters=(adapter,))
+    else:
+        rm_backbone, rm_tokenizer = load_backbone(info["model"], dtype)
+        if not _same_vocab(tokenizer, rm_tokenizer):
+            raise RewardModelMismatch(
+                f"{rm_workdir}: the reward model's tokenizer ({info['model']}, {len(rm_tokenizer)} tokens) differs "
+                f"from the policy's ({policy_model}, {len(tokenizer)} tokens); responses would have to be "
+                "re-tokenised, which this step (jit-compiled end to end) does not do. Train the reward model on "
+                "the policy's base checkpoint or one with the same tokenizer."
+            )
+        if info["tuning"] == "lora":
+            cfg = info["lora"]
+            lora.add_lora(rm_backbone, adapter,
+                          lora.LoRAConfig(rank=cfg["rank"], alpha=cfg["alpha"], targets=cfg["targets"]))
+        rm = RewardModel(rm_backbone, adapters=(adapter,) if info["tuning"] == "lora" else None)
+    filter_ = trainable_filter(TuningConfig(mode=info["tuning"]), adapter)
+    template = nnx.state(rm, filter_)
+    ckpt = RunCheckpointer(os.path.join(rm_workdir, "checkpoints"))
+    step = ckpt.latest_step()
+    if step is None:
+        raise FileNotFoundError(f"{rm_workdir}/checkpoints: no checkpoint; did the reward-model run finish?")
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, template)
+    restored = ckpt.manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.PyTreeRestore({"trainable": abstract}, partial_restore=True)))
+    ckpt.close()
+    leaves = jax.tree.leaves(restored["state"]["trainable"])
+    nnx.update(rm, jax.tree.unflatten(jax.tree.structure(template), leaves))
+    print(f"reward model from {rm_workdir} (step {step}, {info['tuning']}, "
+          f"{'shares the policy backbone' if shared else 'own backbone'})")
+    return rm
+
+
+@functools.partial(jax.jit, static_argnums=(0, 6))
+def _eval_rollout(graphdef, trainable, frozen, prompt_PxT, prompt_mask_PxT, rng, static):
+    """Responses of the policy (or the anchor) on eval prompts (greedy at temperature 0), and their rewards."""
+    reward_fn, eos_ids, pad_id, max_new_tokens, use_anchor, temperature = static
+    m = nnx.merge(graphdef, trainable, frozen)
+    cfg = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature)
+    ctx = m.as_anchor() if use_anchor else m.as_policy()
+    with ctx as model:
+        out = sample_traced(model, prompt_PxT, prompt_mask_PxT, jnp.zeros(prompt_PxT.shape[0], bool), rng, eos_ids,
+                            pad_id, cfg)
+    seq = jnp.concatenate([prompt_PxT, out.tokens_BxN], 1)
+    seq_mask = jnp.concatenate([prompt_mask_PxT.astype(bool), out.mask_BxN], 1)
+    reward = m.reward(seq, seq_mask) if m.reward is not None else reward_fn(prompt_PxT, prompt_mask_PxT,
+                                                                            out.tokens_BxN, out.mask_BxN)
+    return out.tokens_BxN, out.mask_BxN, reward
+
+
+def train_policy(*, workdir: str, prompts: D.Loaded, model: str = "tiny", dtype: str = "float32",
+                 tuning: TuningConfig = TuningConfig(), rl: RLConfig = RLConfig(),
+                 optimizer: OptimizerConfig = OptimizerConfig(), loop: LoopConfig = LoopConfig(),
+                 data: DataConfig = DataConfig(), reward_model: str | None = None,
+                 reward_fn: Callable | None = None, adapter: str = "policy", eval_temperature: float = 0.0,
+                 eval_samples: int = 1) -> dict:
+    """Optimise a policy with REINFORCE/ReMax/RLOO/GRPO against `reward_model` (an RM workdir) or `reward_fn`.
+
+    `reward_fn(prompt_BxT, prompt_mask_BxT, response_BxN, response_mask_BxN) -> rewards_B` must be
+    traceable by JAX (it runs inside the compiled step). Evaluation: responses on held-out prompts
+    (greedy, or `eval_samples` samples each at `eval_temperature`), their mean reward against the
+    starting policy's, written to `samples_<step>.jsonl`.
+    """
+    if (reward_model is None) == (reward_fn is None):
+        raise ValueError("train_policy needs exactly one of reward_model (an RM workdir) or reward_fn")
+    # MODELS: one backbone for policy and anchor (and the reward model when it shares the base)
+    backbone, tokenizer = load_backbone(model, dtype)
+    anchor = None
+    if tuning.mode == "lora":
+        print(f"[{adapter}] {lora.add_lora(backbone, adapter, tuning.lora)}")
+    else:
+        anchor, _ = load_backbone(model, dtype)  # fully tuned policy: the anchor is a frozen copy
+    rm = None if reward_model is None else attach_reward_model(backbone, tokenizer, reward_model,
+                                                               policy_model=model, dtype=dtype)
+    modules = RLModules(backbone, policy_adapters=(adapter,) if tuning.mode == "lora" else (), anchor=anchor,
+                        reward=rm)
+
+    # PROMPTS
+    texts = D.prompts_of(prompts.examples)
+    if not texts:
+        raise D.DataError(f"{prompts.source}: no prompts")
+    options = D.TokenizeOptions(max_prompt_len=data.max_prompt_len, max_response_len=1)
+    ids, stats = D.tokenize_prompts(texts, tokenizer, options)
+    print(f"prompts {prompts.source}: {stats.kept}/{stats.examples} kept, {stats.prompts_truncated} truncated "
+          f"from the left to {data.max_prompt_len} tokens, {stats.dropped_empty} empty dropped")
+    train_ids, eval_ids = D.train_eval_split(list(ids), eval_size=data.eval_size, seed=data.split_seed)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    collate = functools.partial(D.batch_prompts, prompt_len=data.max_prompt_len, pad_id=pad_id)
+    train_iter = D.BatchIterator(train_ids, loop.batch_size, collate, seed=loop.seed,
+                                 process_index=jax.process_index(), process_count=jax.process_count())
+    eval_items = eval_ids[: loop.max_eval_examples] if loop.max_eval_examples else eval_ids
+    eval_batch = collate([p for p in eval_items for _ in range(eval_samples)])
+    eos_ids = tuple(backbone.config.eos_token_ids) or ((tokenizer.eos_token_id,) if tokenizer.eos_token_id is not None
+                                                        else ())
+
+    # STATE
+    filter_ = lora.adapter_filter(adapter) if tuning.mode == "lora" else nnx.All(nnx.Param, nnx.PathContains("policy"))
+    graphdef, trainable, frozen = nnx.split(modules, filter_, ...)
+    tx = guard_nonfinite(make_optimizer(optimizer))
+    opt_state = tx.init(trainable)
+    rl_state = {"baseline": jnp.zeros((), jnp.float32)}
+    rng = jax.random.key(loop.seed)
+    stepper = PolicyStepper(graphdef, tx, rl, reward_fn, eos_ids, pad_id)
+    os.makedirs(workdir, exist_ok=True)
+    ckpt = RunCheckpointer(os.path.join(workdir, "checkpoints"), every=loop.checkpoint_every,
+                           keep=loop.keep_checkpoints)
+    start = 0
+    if ckpt.latest_step() is not None:
+        start, state, meta = ckpt.restore({"trainable": trainable, "opt_state": opt_state, "rl_state": rl_state,
+                                           "rng": jax.random.key_data(rng)})
+        trainable, opt_state, rl_state = state["trainable"], state["opt_state"], state["rl_state"]
+        rng = jax.random.wrap_key_data(state["rng"])
+        train_iter.restore(meta["data"])
+        print(f"resumed from {ckpt.directory} at step {start}")
+    run_info = {"stage": "rl", "algorithm": rl.algorithm, "model": model, "dtype": dtype, "tuning": tuning.mode,
+                "adapter": adapter, "reward_model": reward_model, "rl": dataclasses.asdict(rl),
+                "prompts": len(texts), "train_prompts": len(train_ids), "eval_prompts": len(eval_items)}
+    with open(os.path.join(workdir, "run_info.json"), "w") as f:
+        json.dump(run_info, f, indent=2, default=str)
+    writer = MetricsWriter(workdir)
+
+    def evaluate(step, use_anchor=False):
+        """Greedy responses on the eval prompts, their rewards, and samples_<step>.jsonl to read."""
+        static = (reward_fn, eos_ids, pad_id, rl.max_new_tokens, use_anchor, float(eval_temperature))
+        tokens, mask, rewards = _eval_rollout(graphdef, trainable, frozen, eval_batch["prompt_BxT"],
+                                              eval_batch["prompt_mask_BxT"], jax.random.key(0), static)
+        rewards = np.asarray(rewards)
+        if jax.process_index() == 0:
+            with open(os.path.join(workdir, f"samples_{step}.jsonl"), "w") as f:
+                for i, r in enumerate(rewards):
+                    prompt = [t for t, m in zip(eval_batch["prompt_BxT"][i], eval_batch["prompt_mask_BxT"][i]) if m]
+                    resp = np.asarray(tokens[i])[np.asarray(mask[i])].tolist()
+                    f.write(json.dumps({"prompt": tokenizer.decode(prompt, skip_special_tokens=True),
+                                        "response": tokenizer.decode(resp, skip_special_tokens=True),
+                                        "reward": float(r)}) + "\n")
+        return float(rewards.mean())
+
+    start_reward = evaluate(0, use_anchor=True)  # the starting policy (adapters off): samples_0.jsonl
+
+    def eval_metrics(step):
+        reward = evaluate(step)
+        return {"reward": reward, "start_reward": start_reward, "reward_gain": reward - start_reward}
+
+    # LOOP
+    from tqdm import tqdm
+
+    bar = tqdm(total=loop.num_steps, initial=start, desc="rl", dynamic_ncols=True) \
+        if loop.progress_bar and jax.process_index() == 0 else None
+    t_last, done = time.perf_counter(), 0
+    for step in range(start + 1, loop.num_steps + 1):
+        batch = next(train_iter)
+        rng, step_rng = jax.random.split(rng)
+        trainable, opt_state, rl_state, metrics = stepper.step(trainable, opt_state, frozen, rl_state, batch,
+                                                               step_rng)
+        done += loop.batch_size
+        if step % loop.log_every == 0 or step == loop.num_steps:
+            metrics = jax.device_get(metrics)
+            now = time.perf_counter()
+            metrics["examples_per_s"] = done / (now - t_last)
+            metrics["skipped_steps"] = skipped_steps(opt_state)
+            t_last, done = now, 0
+            writer.write(step, metrics)
+            if bar is not None:
+                bar.set_postfix(reward=f"{float(metrics['reward_mean']):.3f}", kl=f"{float(metrics['kl']):.3f}")
+        if loop.eval_every and step % loop.eval_every == 0 and step != loop.num_steps:
+            writer.write(step, eval_metrics(step), prefix="eval")
+        ckpt.save(step, {"trainable": trainable, "opt_state": opt_state, "rl_state": rl_state,
+                         "rng": jax.random.key_data(rng)}, {"data": train_iter.state(), "step": step})
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    if ckpt.latest_step() != loop.num_steps:
+        ckpt.save(loop.num_steps, {"trainable": trainable, "opt_state": opt_state, "rl_state": rl_state,
+                                   "rng": jax.random.key_data(rng)}, {"data": train_iter.state()}, force=True)
+    ckpt.close()
+    final = eval_metrics(loop.num_steps)
+    writer.write(loop.num_steps, final, prefix="eval")
+    summary = {"step": loop.num_steps, **{f"eval/{k}": v for k, v in final.items()},
+               "skipped_steps": skipped_steps(opt_state), **run_info}
+    writer.summary(summary)
+    writer.close()
+    nnx.update(modules, trainable)
+    return summary
