@@ -94,6 +94,14 @@ def attach_reward_model(backbone, tokenizer, rm_workdir: str, *, policy_model: s
     return rm
 
 
+def rl_trainable_filter(tuning: TuningConfig, rl: RLConfig, adapter: str = "policy"):
+    """The policy adapter (LoRA) or the policy's parameters (full), and PPO's value adapter/model and head."""
+    if tuning.mode == "lora":
+        adapters = lora.adapter_filter(adapter, "value") if rl.algorithm == "ppo" else lora.adapter_filter(adapter)
+        return nnx.Any(adapters, nnx.All(nnx.Param, nnx.PathContains("value")))
+    return nnx.All(nnx.Param, nnx.Any(nnx.PathContains("policy"), nnx.PathContains("value")))
+
+
 @functools.partial(jax.jit, static_argnums=(0, 6))
 def _eval_rollout(graphdef, trainable, frozen, prompt_PxT, prompt_mask_PxT, rng, static):
     """Responses of the policy (or the anchor) on eval prompts (greedy at temperature 0), and their rewards."""
@@ -135,8 +143,15 @@ def train_policy(*, workdir: str, prompts: D.Loaded, model: str = "tiny", dtype:
         anchor, _ = load_backbone(model, dtype)  # fully tuned policy: the anchor is a frozen copy
     rm = None if reward_model is None else attach_reward_model(backbone, tokenizer, reward_model,
                                                                policy_model=model, dtype=dtype)
+    value = None
+    if rl.algorithm == "ppo":  # PPO's value model: a `value` adapter + head on the backbone, or a full copy
+        if tuning.mode == "lora":
+            lora.add_lora(backbone, "value", tuning.lora)
+            value = RewardModel(backbone, adapters=("value",))
+        else:
+            value = RewardModel(load_backbone(model, dtype)[0])
     modules = RLModules(backbone, policy_adapters=(adapter,) if tuning.mode == "lora" else (), anchor=anchor,
-                        reward=rm)
+                        reward=rm, value=value)
 
     # PROMPTS
     texts = D.prompts_of(prompts.examples)
@@ -157,7 +172,7 @@ def train_policy(*, workdir: str, prompts: D.Loaded, model: str = "tiny", dtype:
                                                         else ())
 
     # STATE
-    filter_ = lora.adapter_filter(adapter) if tuning.mode == "lora" else nnx.All(nnx.Param, nnx.PathContains("policy"))
+    filter_ = rl_trainable_filter(tuning, rl, adapter)
     graphdef, trainable, frozen = nnx.split(modules, filter_, ...)
     tx = guard_nonfinite(make_optimizer(optimizer))
     opt_state = tx.init(trainable)
