@@ -26,6 +26,7 @@ from pe_rlhf.data import toy  # noqa: E402
 from pe_rlhf.train import pipeline, rl_loop, supervised  # noqa: E402
 from pe_rlhf.train.policy import RLConfig  # noqa: E402
 from pe_rlhf.train.optim import OptimizerConfig  # noqa: E402
+from pe_rlhf.sharding.mesh import MeshConfig  # noqa: E402
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
 
@@ -39,7 +40,7 @@ def _register():
     for fn in (toy.preference_pairs, toy.sft_demonstrations, toy.prompts, toy.gold_reward):
         gin.external_configurable(fn, name=fn.__name__, module="toy")
     for cls in (supervised.TuningConfig, supervised.LoopConfig, supervised.DataConfig, OptimizerConfig,
-                LoRAConfig, RLConfig):
+                LoRAConfig, RLConfig, MeshConfig):
         gin.external_configurable(cls, name=cls.__name__)
 
 

@@ -28,7 +28,8 @@ from pe_rlhf.models import lora
 from pe_rlhf.models.heads import RewardModel
 from pe_rlhf.sampling.sampler import SamplingConfig, sample_traced
 from pe_rlhf.train.optim import OptimizerConfig, make_optimizer
-from pe_rlhf.train.policy import PolicyStepper, RLConfig, RLModules, guard_nonfinite, skipped_steps
+from pe_rlhf.train.policy import RLConfig, RLModules, guard_nonfinite, skipped_steps
+from pe_rlhf.train.sharded import sharded_rl_step
 from pe_rlhf.train.supervised import DataConfig, LoopConfig, TuningConfig, load_backbone, trainable_filter
 from pe_rlhf.train.writer import MetricsWriter
 
@@ -175,10 +176,16 @@ def train_policy(*, workdir: str, prompts: D.Loaded, model: str = "tiny", dtype:
     filter_ = rl_trainable_filter(tuning, rl, adapter)
     graphdef, trainable, frozen = nnx.split(modules, filter_, ...)
     tx = guard_nonfinite(make_optimizer(optimizer))
-    opt_state = tx.init(trainable)
     rl_state = {"baseline": jnp.zeros((), jnp.float32)}
     rng = jax.random.key(loop.seed)
-    stepper = PolicyStepper(graphdef, tx, rl, reward_fn, eos_ids, pad_id)
+    fresh = train_iter.state()
+    example = next(train_iter)  # one batch's shapes; the iterator is rewound below
+    train_iter.restore(fresh)
+    stepper = sharded_rl_step(loop.mesh, graphdef=graphdef, tx=tx, cfg=rl, trainable=trainable,
+                              opt_state=jax.eval_shape(tx.init, trainable), frozen=frozen, rl_state=rl_state,
+                              batch=example, reward_fn=reward_fn, eos_ids=eos_ids, pad_id=pad_id)
+    trainable, _, frozen = stepper.place(trainable, None, frozen)
+    opt_state = stepper.init_opt_state(tx, trainable)
     os.makedirs(workdir, exist_ok=True)
     ckpt = RunCheckpointer(os.path.join(workdir, "checkpoints"), every=loop.checkpoint_every,
                            keep=loop.keep_checkpoints)
@@ -186,7 +193,8 @@ def train_policy(*, workdir: str, prompts: D.Loaded, model: str = "tiny", dtype:
     if ckpt.latest_step() is not None:
         start, state, meta = ckpt.restore({"trainable": trainable, "opt_state": opt_state, "rl_state": rl_state,
                                            "rng": jax.random.key_data(rng)})
-        trainable, opt_state, rl_state = state["trainable"], state["opt_state"], state["rl_state"]
+        trainable, opt_state, _ = stepper.place(state["trainable"], state["opt_state"], None)
+        rl_state = state["rl_state"]
         rng = jax.random.wrap_key_data(state["rng"])
         train_iter.restore(meta["data"])
         print(f"resumed from {ckpt.directory} at step {start}")
@@ -195,6 +203,8 @@ def train_policy(*, workdir: str, prompts: D.Loaded, model: str = "tiny", dtype:
                 "prompts": len(texts), "train_prompts": len(train_ids), "eval_prompts": len(eval_items)}
     with open(os.path.join(workdir, "run_info.json"), "w") as f:
         json.dump(run_info, f, indent=2, default=str)
+    if jax.process_index() == 0:
+        print(f"memory: {stepper.memory()}")
     writer = MetricsWriter(workdir)
 
     def evaluate(step, use_anchor=False):
@@ -228,8 +238,7 @@ def train_policy(*, workdir: str, prompts: D.Loaded, model: str = "tiny", dtype:
     for step in range(start + 1, loop.num_steps + 1):
         batch = next(train_iter)
         rng, step_rng = jax.random.split(rng)
-        trainable, opt_state, rl_state, metrics = stepper.step(trainable, opt_state, frozen, rl_state, batch,
-                                                               step_rng)
+        trainable, opt_state, rl_state, metrics = stepper(trainable, opt_state, frozen, rl_state, batch, step_rng)
         done += loop.batch_size
         if step % loop.log_every == 0 or step == loop.num_steps:
             metrics = jax.device_get(metrics)

@@ -26,8 +26,10 @@ from pe_rlhf.checkpoints.orbax_io import RunCheckpointer
 from pe_rlhf.eval import metrics as M
 from pe_rlhf.models import lora
 from pe_rlhf.models.heads import RewardModel
+from pe_rlhf.sharding.mesh import MeshConfig
 from pe_rlhf.train import steps
 from pe_rlhf.train.optim import OptimizerConfig, make_optimizer
+from pe_rlhf.train.sharded import sharded_train_step
 from pe_rlhf.train.writer import MetricsWriter
 
 log = logging.getLogger(__name__)
@@ -59,6 +61,7 @@ class LoopConfig:
     keep_checkpoints: int = 3
     seed: int = 0
     progress_bar: bool = True
+    mesh: MeshConfig | None = None  # None: one device; e.g. MeshConfig(data=-1): data parallel over all
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,19 +124,26 @@ def fit(module: nnx.Module, *, filter_, loss_fn: Callable, train_iter: D.BatchIt
     os.makedirs(workdir, exist_ok=True)
     graphdef, trainable, frozen = nnx.split(module, filter_, ...)
     tx = make_optimizer(optimizer)
-    opt_state = tx.init(trainable)
-    stepper = steps.Stepper(graphdef, tx, loss_fn)
+    fresh = train_iter.state()
+    example = next(train_iter)  # one batch's shapes; the iterator is rewound below
+    train_iter.restore(fresh)
+    stepper = sharded_train_step(loop.mesh, graphdef=graphdef, tx=tx, loss_fn=loss_fn, trainable=trainable,
+                                 opt_state=jax.eval_shape(tx.init, trainable), frozen=frozen, batch=example)
+    trainable, _, frozen = stepper.place(trainable, None, frozen)
+    opt_state = stepper.init_opt_state(tx, trainable)
     ckpt = RunCheckpointer(os.path.join(workdir, "checkpoints"), every=loop.checkpoint_every,
                            keep=loop.keep_checkpoints)
     writer = MetricsWriter(workdir)
     start = 0
     if ckpt.latest_step() is not None:
         start, state, meta = ckpt.restore({"trainable": trainable, "opt_state": opt_state})
-        trainable, opt_state = state["trainable"], state["opt_state"]
+        trainable, opt_state, _ = stepper.place(state["trainable"], state["opt_state"], None)
         train_iter.restore(meta["data"])
         print(f"resumed from {ckpt.directory} at step {start}")
     with open(os.path.join(workdir, "run_info.json"), "w") as f:
         json.dump(run_info, f, indent=2, default=str)
+    if jax.process_index() == 0:
+        print(f"memory: {stepper.memory()}")
 
     def save(step, force=False):
         ckpt.save(step, {"trainable": trainable, "opt_state": opt_state},
@@ -143,7 +153,7 @@ def fit(module: nnx.Module, *, filter_, loss_fn: Callable, train_iter: D.BatchIt
     t_last, examples, eval_metrics = time.perf_counter(), 0, {}
     for step in range(start + 1, loop.num_steps + 1):
         batch = next(train_iter)
-        trainable, opt_state, metrics = stepper.train(trainable, opt_state, frozen, batch)
+        trainable, opt_state, metrics = stepper(trainable, opt_state, frozen, batch)
         examples += loop.batch_size
         if step % loop.log_every == 0 or step == loop.num_steps:
             metrics = jax.device_get(metrics)
