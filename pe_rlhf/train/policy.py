@@ -314,22 +314,3 @@ def guard_nonfinite(tx: optax.GradientTransformation) -> optax.GradientTransform
 def skipped_steps(opt_state) -> int:
     """How many updates `guard_nonfinite` has skipped so far."""
     return int(opt_state.total_notfinite)
-
-
-@dataclasses.dataclass
-class PolicyStepper:
-    """Jits `rl_step` once, donating trainable and optimizer state."""
-
-    graphdef: object
-    tx: optax.GradientTransformation
-    cfg: RLConfig
-    reward_fn: Callable | None
-    eos_ids: tuple[int, ...]
-    pad_id: int
-
-    def __post_init__(self):
-        def step(trainable, opt_state, frozen, rl_state, batch, rng):
-            return rl_step(trainable, opt_state, frozen, rl_state, batch, rng, graphdef=self.graphdef, tx=self.tx,
-                           cfg=self.cfg, reward_fn=self.reward_fn, eos_ids=self.eos_ids, pad_id=self.pad_id)
-
-        self.step = jax.jit(step, donate_argnums=(0, 1))
