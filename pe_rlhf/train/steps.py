@@ -4,12 +4,12 @@
 fully fine-tuning; `frozen` is the rest. The split is made once, with `nnx.split(model, filter, ...)`,
 so Optax state exists only for what trains. Loss functions take the merged module and a batch of
 NumPy/JAX arrays and return (loss, metrics); they are chosen by reference (gin binds them).
+`pe_rlhf.train.sharded` is the one place these steps are jitted (shardings and donation).
 """
 
 from __future__ import annotations
 
-import dataclasses
-from typing import Any, Callable
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -59,19 +59,3 @@ def train_step(trainable, opt_state, frozen, batch, *, graphdef, tx: optax.Gradi
 def eval_step(trainable, frozen, batch, *, graphdef, loss_fn: Callable):
     model = nnx.merge(graphdef, trainable, frozen)
     return loss_fn(model, batch)[1]
-
-
-@dataclasses.dataclass
-class Stepper:
-    """Jits `train_step`/`eval_step` once, with donation and (optionally) explicit shardings."""
-
-    graphdef: Any
-    tx: optax.GradientTransformation
-    loss_fn: Callable
-    donate: bool = True
-
-    def __post_init__(self):
-        step = lambda tr, os, fr, b: train_step(tr, os, fr, b, graphdef=self.graphdef, tx=self.tx,
-                                                loss_fn=self.loss_fn)
-        self.train = jax.jit(step, donate_argnums=(0, 1) if self.donate else ())
-        self.eval = jax.jit(lambda tr, fr, b: eval_step(tr, fr, b, graphdef=self.graphdef, loss_fn=self.loss_fn))

@@ -1,0 +1,168 @@
+"""Benchmark one Bradley-Terry reward-model step on Gemma 3 270M: LoRA beside full fine-tuning.
+
+    python experiments/benchmark_rm_step.py --out /tmp/rm_step.json
+
+Each mode runs in its own subprocess so the process peak RSS is that mode's alone.
+A mode builds the real model (fp32), tokenises the first `--pairs` HH-harmless pairs
+to exactly `--seq_len` tokens (prompt 3/4, response 1/4 of the budget, padded), and
+jits the same donated step that `train_reward_model` runs (`train.sharded.sharded_train_step`). It reports:
+- the median wall time of `--iters` steps after one untimed compiling call
+  (`profiling.time_step`; the step state is carried from call to call, as in training);
+- the compiled step's per-device peak from XLA's memory analysis (arguments +
+  outputs + temporaries - donated aliases);
+- the process peak RSS (`resource.getrusage`), which also covers loading the GGUF.
+The issue's target: LoRA (rank 8, attention) <= 3.5 s median at 4 pairs x 256 tokens on
+the 2-core CPU, where TRL's RewardTrainer with PEFT takes 7.1 s (11.5 s fully tuned).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+os.environ.setdefault("JAX_PLATFORMS", "cpu")  # the CPU benchmark; keeps an installed libtpu from probing
+
+TARGET_LORA_S = 3.5
+TRL_S = {"lora": 7.1, "full": 11.5}
+
+
+def _peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def _batch(tokenizer, pairs: int, seq_len: int) -> dict:
+    """The first `pairs` HH-harmless pairs, tokenised and padded to `seq_len`."""
+    from pe_rlhf import data as D
+    from pe_rlhf.data.named import named_dataset
+
+    prompt_len = seq_len * 3 // 4
+    options = D.TokenizeOptions(max_prompt_len=prompt_len, max_response_len=seq_len - prompt_len)
+    examples = list(named_dataset("hh_harmless").examples[: pairs * 2])
+    tokenized, _ = D.tokenize_preferences(examples, tokenizer, options)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    return D.batch_preferences(tokenized[:pairs], seq_len=seq_len, pad_id=pad)
+
+
+def measure(mode: str, *, model: str, pairs: int, seq_len: int, iters: int, rank: int) -> dict:
+    """One mode, in this process: compile, memory analysis, timing, RSS."""
+    import jax
+    from flax import nnx
+
+    from pe_rlhf.models.heads import RewardModel
+    from pe_rlhf.models.lora import LoRAConfig
+    from pe_rlhf.profiling import compiled_memory, time_step
+    from pe_rlhf.train import steps
+    from pe_rlhf.train.sharded import sharded_train_step
+    from pe_rlhf.train.optim import OptimizerConfig, make_optimizer
+    from pe_rlhf.train.supervised import TuningConfig, load_backbone, prepare, trainable_filter
+
+    t0 = time.perf_counter()
+    tuning = TuningConfig(mode=mode, lora=LoRAConfig(rank=rank, alpha=2.0 * rank, targets="attention"))
+    backbone, tokenizer = load_backbone(model, "float32")
+    rm = RewardModel(backbone, adapters=("reward",) if mode == "lora" else None)
+    prepare(rm, backbone, tuning, "reward")
+    load_s = time.perf_counter() - t0
+    rss_after_load = _peak_rss_bytes()
+
+    batch = jax.device_put(_batch(tokenizer, pairs, seq_len))
+    graphdef, trainable, frozen = nnx.split(rm, trainable_filter(tuning, "reward"), ...)
+    del rm, backbone
+    tx = make_optimizer(OptimizerConfig(learning_rate=1e-4, total_steps=1000))
+    t0 = time.perf_counter()
+    # the donated training step, built exactly as train_reward_model builds it (one device)
+    stepper = sharded_train_step(None, graphdef=graphdef, tx=tx, loss_fn=steps.pairwise_reward_loss,
+                                 trainable=trainable, opt_state=jax.eval_shape(tx.init, trainable), frozen=frozen,
+                                 batch=batch)
+    compiled = stepper.compiled
+    compile_s = time.perf_counter() - t0
+    memory = compiled_memory(compiled)
+    trainable, _, frozen = stepper.place(trainable, None, frozen)
+    opt_state = stepper.init_opt_state(tx, trainable)
+
+    state = {"trainable": trainable, "opt_state": opt_state}
+
+    def step():
+        # Carries the donated state from call to call, exactly as the training loop does.
+        state["trainable"], state["opt_state"], metrics = compiled(state["trainable"], state["opt_state"], frozen,
+                                                                   batch)
+        return metrics
+
+    timing = time_step(step, (), warmup=1, iters=iters)
+    count = lambda tree: int(sum(x.size for x in jax.tree.leaves(tree)))
+    return {
+        "mode": mode, "model": model, "pairs": pairs, "seq_len": seq_len, "lora_rank": rank if mode == "lora" else None,
+        "trainable_params": count(state["trainable"]), "frozen_params": count(frozen),
+        "median_step_s": timing.median_s, "step_s": list(timing.all_s), "compile_s": compile_s, "load_s": load_s,
+        "compiled_memory": memory.as_dict(), "peak_rss_bytes": _peak_rss_bytes(),
+        "rss_after_load_bytes": rss_after_load, "backend": jax.default_backend(),
+        "devices": len(jax.devices()), "cpu_count": os.cpu_count(), "loadavg_at_end": os.getloadavg(),
+    }
+
+
+def table(results: list[dict]) -> str:
+    from pe_rlhf.profiling.memory import format_bytes
+
+    lines = ["| mode | trainable params | median step (s) | all steps (s) | TRL (s) | compiled peak | peak RSS |",
+             "|---|---:|---:|---|---:|---:|---:|"]
+    for r in results:
+        lines.append(f"| {r['mode']} | {r['trainable_params']:,} | {r['median_step_s']:.2f} | "
+                     f"{', '.join(f'{t:.2f}' for t in r['step_s'])} | {TRL_S.get(r['mode'], float('nan'))} | "
+                     f"{format_bytes(r['compiled_memory']['peak_bytes'])} | {format_bytes(r['peak_rss_bytes'])} |")
+    return "\n".join(lines)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--modes", nargs="+", default=["lora", "full"], choices=["lora", "full"])
+    p.add_argument("--model", default="gemma3-270m", help="load_backbone source ('tiny' for a quick check)")
+    p.add_argument("--pairs", type=int, default=4)
+    p.add_argument("--seq_len", type=int, default=256)
+    p.add_argument("--iters", type=int, default=5, help="timed steps after the compiling one (>= 5 for the record)")
+    p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--out", default=None, help="write all results here as JSON")
+    p.add_argument("--child_out", default=None, help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    common = dict(model=args.model, pairs=args.pairs, seq_len=args.seq_len, iters=args.iters, rank=args.rank)
+    if args.child_out:  # one mode, in the subprocess the parent started
+        with open(args.child_out, "w") as f:
+            json.dump(measure(args.modes[0], **common), f)
+        return None
+    results = []
+    for mode in args.modes:
+        with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as tmp:
+            child_out = tmp.name
+        cmd = [sys.executable, os.path.abspath(__file__), "--modes", mode, "--model", args.model, "--pairs",
+               str(args.pairs), "--seq_len", str(args.seq_len), "--iters", str(args.iters), "--rank", str(args.rank),
+               "--child_out", child_out]
+        proc = subprocess.run(cmd)
+        if proc.returncode != 0:
+            raise SystemExit(f"benchmark of mode {mode!r} failed (exit {proc.returncode}); command: {' '.join(cmd)}")
+        with open(child_out) as f:
+            results.append(json.load(f))
+        os.unlink(child_out)
+    print(f"\nBradley-Terry step, {args.model}, fp32, {args.pairs} pairs x {args.seq_len} tokens:\n")
+    print(table(results))
+    lora = [r for r in results if r["mode"] == "lora"]
+    if lora and args.model == "gemma3-270m":
+        ok = lora[0]["median_step_s"] <= TARGET_LORA_S
+        print(f"\nLoRA target <= {TARGET_LORA_S} s: {'met' if ok else 'MISSED'} ({lora[0]['median_step_s']:.2f} s)")
+    if args.out:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w") as f:
+            json.dump({"args": vars(args), "results": results}, f, indent=2)
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,139 @@
+"""The experiment configs: every .gin parses through run.py's registration; tiny_sft.gin runs end to end."""
+
+import glob
+import importlib
+import json
+import math
+import os
+import subprocess
+import sys
+
+import gin
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+CONFIGS = sorted(glob.glob(os.path.join(REPO, "experiments", "configs", "*.gin")))
+REAL = ["hh_harmless", "taskmaster_coffee", "taskmaster_ticketing"]
+DATACLASSES = ("TuningConfig", "LoopConfig", "DataConfig", "OptimizerConfig")
+OWN = {f"{d}_{m}.gin" for d in REAL for m in ("lora", "full")} | {"tiny_sft.gin"}  # single-stage runs
+
+
+@pytest.fixture(scope="module")
+def registered():
+    """run.py imported once (its `run` is gin-configurable) and its `_register` applied once per process."""
+    sys.path.insert(0, os.path.join(REPO, "experiments"))
+    try:
+        run = importlib.import_module("run")
+    finally:
+        sys.path.pop(0)
+    try:
+        gin.get_configurable("train_reward_model")
+    except ValueError:  # not yet registered in this process
+        run._register()
+    yield run
+    gin.clear_config()
+
+
+def parse(path):
+    """The configured option dataclasses of one config, built (their __post_init__ checks run)."""
+    gin.clear_config()
+    gin.parse_config_files_and_bindings([path], [], skip_unknown=False)
+    job = gin.query_parameter("run.job").selector
+    return job, {name: gin.get_configurable(name)() for name in DATACLASSES}
+
+
+def bindings(path):
+    gin.clear_config()
+    gin.parse_config_files_and_bindings([path], [], skip_unknown=False)
+    return {line for line in gin.config_str().splitlines() if line and not line.startswith("#")}
+
+
+def test_every_config_parses(registered):
+    names = {os.path.basename(p) for p in CONFIGS}
+    assert OWN <= names
+    for path in CONFIGS:
+        job, built = parse(path)
+        gin.get_configurable(job)  # the job is one of run.py's registered functions
+        if os.path.basename(path) in OWN:
+            opt, loop = built["OptimizerConfig"], built["LoopConfig"]
+            # The schedule decays over exactly the run, after a warm-up shorter than it.
+            assert opt.total_steps == loop.num_steps, path
+            assert 0 <= opt.warmup_steps < opt.total_steps, path
+
+
+@pytest.mark.parametrize("dataset", REAL)
+def test_real_reward_model_configs(registered, dataset):
+    lora_path, full_path = (os.path.join(REPO, "experiments", "configs", f"{dataset}_{m}.gin")
+                            for m in ("lora", "full"))
+    job, lora_cfg = parse(lora_path)
+    assert job == "train_reward_model"
+    assert gin.query_parameter("train_reward_model.model") == "gemma3-270m"
+    assert gin.query_parameter("named_dataset.name") == dataset
+    tuning = lora_cfg["TuningConfig"]
+    assert (tuning.mode, tuning.lora.rank, tuning.lora.alpha, tuning.lora.targets) == ("lora", 8, 16.0, "attention")
+    assert 1e-4 <= lora_cfg["OptimizerConfig"].learning_rate <= 5e-4
+    if dataset == "hh_harmless":
+        assert lora_cfg["DataConfig"].eval_size == 300  # of the 1,800 pairs
+    _, full_cfg = parse(full_path)
+    assert full_cfg["TuningConfig"].mode == "full"
+    assert 1e-5 <= full_cfg["OptimizerConfig"].learning_rate <= 3e-5
+    # The pair differs in what trains and the learning rate only.
+    tuning_only = ("TuningConfig.", "LoRAConfig.", "OptimizerConfig.learning_rate")
+    same = lambda path: {b for b in bindings(path) if not b.startswith(tuning_only)}
+    assert same(lora_path) == same(full_path)
+
+
+def test_tiny_sft_runs_end_to_end_and_exports(registered, tmp_path):
+    from flax import nnx
+
+    from pe_rlhf.checkpoints.orbax_io import RunCheckpointer
+    from pe_rlhf.models import from_pretrained, lora
+    from pe_rlhf.models.tiny import tiny_model
+    from pe_rlhf.train.optim import make_optimizer
+    from pe_rlhf.train.supervised import trainable_filter
+
+    path = os.path.join(REPO, "experiments", "configs", "tiny_sft.gin")
+    _, built = parse(path)
+    workdir = tmp_path / "run"
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "experiments", "run.py"), "--gin_file", path,
+                           "--workdir", str(workdir)], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.load(open(workdir / "summary.json"))
+    vocab = tiny_model()[0].config.vocab_size
+    assert summary["step"] == built["LoopConfig"].num_steps
+    assert math.isfinite(summary["eval/perplexity"]) and 1.0 < summary["eval/perplexity"] < vocab, summary
+    assert summary["eval/perplexity"] == pytest.approx(math.exp(summary["eval/loss"]), rel=1e-6)
+    evals = [json.loads(line)["eval/loss"] for line in open(workdir / "metrics.jsonl") if "eval/loss" in line]
+    assert len(evals) == 2 and evals[1] < evals[0]  # steps 20 and 40: still learning
+
+    # The trained model, rebuilt here: the same base (load_backbone("tiny") = tiny_model seed 0), the
+    # same adapter, and the trained adapter restored from the run's final checkpoint.
+    tuning = built["TuningConfig"]
+    model, tokenizer = tiny_model()
+    lora.add_lora(model, "policy", tuning.lora)
+    graphdef, trainable, frozen = nnx.split(model, trainable_filter(tuning, "policy"), ...)
+    template = {"trainable": trainable, "opt_state": make_optimizer(built["OptimizerConfig"]).init(trainable)}
+    ckpt = RunCheckpointer(str(workdir / "checkpoints"))
+    step, state, _ = ckpt.restore(template)
+    ckpt.close()
+    assert step == built["LoopConfig"].num_steps
+    b_norm = sum(float(jnp.abs(v[...]).sum()) for p, v in nnx.to_flat_state(state["trainable"]) if p[-1] == "b")
+    assert b_norm > 0.0  # b starts at zero: a trained adapter has moved it
+    nnx.update(model, state["trainable"])
+
+    exported, exported_tokenizer = from_pretrained(str(workdir / "export"))
+    ids = tokenizer("Human: how do I bake bread?\n\nAssistant: Mix flour", add_special_tokens=False)["input_ids"]
+    tokens_1xT = jnp.asarray([[tokenizer.bos_token_id] + ids], jnp.int32)
+    assert exported_tokenizer(" Mix", add_special_tokens=False)["input_ids"] == tokenizer(
+        " Mix", add_special_tokens=False)["input_ids"]
+    trained = np.asarray(model(tokens_1xT))  # adapter applied as x@W + s*(x@a)@b
+    merged = np.asarray(lora.merged_model(model, "policy")(tokens_1xT))  # W + s*a@b
+    loaded = np.asarray(exported(tokens_1xT))
+    with lora.use_adapters(model):
+        base = np.asarray(model(tokens_1xT))
+    np.testing.assert_array_equal(loaded, merged)  # the export is exactly the merged model
+    np.testing.assert_allclose(loaded, trained, atol=1e-5, rtol=0)
+    assert np.abs(loaded - base).max() > 1e-3  # and it carries the training, not the base alone
