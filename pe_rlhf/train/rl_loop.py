@@ -30,7 +30,8 @@ from pe_rlhf.sampling.sampler import SamplingConfig, sample_traced
 from pe_rlhf.train.optim import OptimizerConfig, make_optimizer
 from pe_rlhf.train.policy import RLConfig, RLModules, guard_nonfinite, skipped_steps
 from pe_rlhf.train.sharded import sharded_rl_step
-from pe_rlhf.train.supervised import DataConfig, LoopConfig, TuningConfig, load_backbone, trainable_filter
+from pe_rlhf.train.supervised import (DataConfig, LoopConfig, TuningConfig, load_backbone, plan_report,
+                                     trainable_filter)
 from pe_rlhf.train.writer import MetricsWriter
 
 log = logging.getLogger(__name__)
@@ -44,12 +45,14 @@ def _same_vocab(a, b) -> bool:
     return a is b or (len(a) == len(b) and a.get_vocab() == b.get_vocab())
 
 
-def attach_reward_model(backbone, tokenizer, rm_workdir: str, *, policy_model: str, dtype: str) -> RewardModel:
+def attach_reward_model(backbone, tokenizer, rm_workdir: str, *, policy_model: str, dtype: str,
+                        policy_tuning: str = "lora") -> RewardModel:
     """The reward model trained in `rm_workdir`, restored from its latest checkpoint.
 
-    If it is a LoRA reward model on the same base checkpoint as the policy, its adapter and
+    If it is a LoRA reward model on the same base checkpoint as a LoRA policy, its adapter and
     head are added to the policy's backbone (one copy of the base weights serves both);
-    otherwise it gets its own frozen backbone.
+    otherwise (a full RM, another base, or a fully tuned policy whose backbone moves) it gets
+    its own frozen backbone.
     """
     info_path = os.path.join(rm_workdir, "run_info.json")
     if not os.path.exists(info_path):
@@ -59,7 +62,7 @@ def attach_reward_model(backbone, tokenizer, rm_workdir: str, *, policy_model: s
     if info.get("stage") != "reward_model":
         raise RewardModelMismatch(f"{info_path}: stage is {info.get('stage')!r}, not a reward model")
     adapter = info["adapter"]
-    shared = info["tuning"] == "lora" and info["model"] == policy_model
+    shared = info["tuning"] == "lora" and info["model"] == policy_model and policy_tuning == "lora"
     if shared:
         cfg = info["lora"]
         lora.add_lora(backbone, adapter, lora.LoRAConfig(rank=cfg["rank"], alpha=cfg["alpha"], targets=cfg["targets"]))
@@ -125,7 +128,7 @@ def train_policy(*, workdir: str, prompts: D.Loaded, model: str = "tiny", dtype:
                  optimizer: OptimizerConfig = OptimizerConfig(), loop: LoopConfig = LoopConfig(),
                  data: DataConfig = DataConfig(), reward_model: str | None = None,
                  reward_fn: Callable | None = None, adapter: str = "policy", eval_temperature: float = 0.0,
-                 eval_samples: int = 1) -> dict:
+                 eval_samples: int = 1, plan_only: str | None = None) -> dict:
     """Optimise a policy with REINFORCE/ReMax/RLOO/GRPO against `reward_model` (an RM workdir) or `reward_fn`.
 
     `reward_fn(prompt_BxT, prompt_mask_BxT, response_BxN, response_mask_BxN) -> rewards_B` must be
@@ -133,6 +136,10 @@ def train_policy(*, workdir: str, prompts: D.Loaded, model: str = "tiny", dtype:
     (greedy, or `eval_samples` samples each at `eval_temperature`), their mean reward against the
     starting policy's, written to `samples_<step>.jsonl`.
     """
+    if plan_only is not None:  # compile the step from shapes for a topology; train nothing
+        return plan_report(workdir, stage="rl", model=model, dtype=dtype, tuning=tuning, loop=loop,
+                           prompt_len=data.max_prompt_len, response_len=rl.max_new_tokens, target=plan_only,
+                           optimizer=optimizer, algorithm=rl.algorithm)
     if (reward_model is None) == (reward_fn is None):
         raise ValueError("train_policy needs exactly one of reward_model (an RM workdir) or reward_fn")
     # MODELS: one backbone for policy and anchor (and the reward model when it shares the base)
@@ -143,7 +150,8 @@ def train_policy(*, workdir: str, prompts: D.Loaded, model: str = "tiny", dtype:
     else:
         anchor, _ = load_backbone(model, dtype)  # fully tuned policy: the anchor is a frozen copy
     rm = None if reward_model is None else attach_reward_model(backbone, tokenizer, reward_model,
-                                                               policy_model=model, dtype=dtype)
+                                                               policy_model=model, dtype=dtype,
+                                                               policy_tuning=tuning.mode)
     value = None
     if rl.algorithm == "ppo":  # PPO's value model: a `value` adapter + head on the backbone, or a full copy
         if tuning.mode == "lora":
@@ -199,7 +207,8 @@ def train_policy(*, workdir: str, prompts: D.Loaded, model: str = "tiny", dtype:
         train_iter.restore(meta["data"])
         print(f"resumed from {ckpt.directory} at step {start}")
     run_info = {"stage": "rl", "algorithm": rl.algorithm, "model": model, "dtype": dtype, "tuning": tuning.mode,
-                "adapter": adapter, "reward_model": reward_model, "rl": dataclasses.asdict(rl),
+                "adapter": adapter, "lora": dataclasses.asdict(tuning.lora) if tuning.mode == "lora" else None,
+                "reward_model": reward_model, "rl": dataclasses.asdict(rl),
                 "prompts": len(texts), "train_prompts": len(train_ids), "eval_prompts": len(eval_items)}
     with open(os.path.join(workdir, "run_info.json"), "w") as f:
         json.dump(run_info, f, indent=2, default=str)
