@@ -19,7 +19,7 @@ import optax
 from flax import nnx
 
 from pe_rlhf.models.config import PRESETS, preset
-from pe_rlhf.models.lora import LoRAConfig, LoRAParam, add_lora, lora_modules, param_count
+from pe_rlhf.models.lora import LoRAConfig, LoRAParam, add_lora, lora_modules
 from pe_rlhf.models.transformer import Transformer
 
 

@@ -52,6 +52,26 @@ class RunCheckpointer:
         state = jax.tree.unflatten(jax.tree.structure(template), leaves)
         return step, state, dict(restored["meta"])
 
+    def restore_module(self, module, filter_, *, what: str = "run") -> int:
+        """Load the latest checkpoint's `trainable` partition into `module`'s `filter_` variables, in place.
+
+        The partition must have been saved from a module of the same structure (a reward-model or RL
+        run's adapters and heads, or all parameters for a fully tuned one). Returns the step.
+        """
+        import orbax.checkpoint as ocp
+        from flax import nnx
+
+        step = self.latest_step()
+        if step is None:
+            raise FileNotFoundError(f"{self.directory}: no checkpoint; did the {what} run finish?")
+        template = nnx.state(module, filter_)
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, template)
+        restored = self.manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.PyTreeRestore({"trainable": abstract}, partial_restore=True)))
+        leaves = jax.tree.leaves(restored["state"]["trainable"])
+        nnx.update(module, jax.tree.unflatten(jax.tree.structure(template), leaves))
+        return step
+
     def wait(self):
         self.manager.wait_until_finished()
 

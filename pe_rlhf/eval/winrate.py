@@ -23,7 +23,6 @@ from typing import Callable, Sequence
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 from flax import nnx
 
 from pe_rlhf import data as D
@@ -79,18 +78,11 @@ def restore_rl_policy(workdir: str, info: dict, *, dtype: str = "float32",
     else:
         modules = RLModules(backbone, policy_adapters=())
         filter_ = nnx.All(nnx.Param, nnx.PathContains("policy"))
-    template = nnx.state(modules, filter_)
     ckpt = RunCheckpointer(os.path.join(workdir, "checkpoints"))
-    step = ckpt.latest_step()
-    if step is None:
+    try:
+        step = ckpt.restore_module(modules, filter_, what="RL")
+    finally:
         ckpt.close()
-        raise FileNotFoundError(f"{workdir}/checkpoints: no checkpoint; did the RL run finish?")
-    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, template)
-    restored = ckpt.manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.PyTreeRestore({"trainable": abstract}, partial_restore=True)))
-    ckpt.close()
-    leaves = jax.tree.leaves(restored["state"]["trainable"])
-    nnx.update(modules, jax.tree.unflatten(jax.tree.structure(template), leaves))
     model = lora.merged_model(backbone, adapter) if info["tuning"] == "lora" else backbone
     return model, tokenizer, step
 

@@ -19,7 +19,6 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 from flax import nnx
 
 from pe_rlhf import data as D
@@ -81,18 +80,12 @@ def attach_reward_model(backbone, tokenizer, rm_workdir: str, *, policy_model: s
             lora.add_lora(rm_backbone, adapter,
                           lora.LoRAConfig(rank=cfg["rank"], alpha=cfg["alpha"], targets=cfg["targets"]))
         rm = RewardModel(rm_backbone, adapters=(adapter,) if info["tuning"] == "lora" else None)
-    filter_ = trainable_filter(TuningConfig(mode=info["tuning"]), adapter)
-    template = nnx.state(rm, filter_)
     ckpt = RunCheckpointer(os.path.join(rm_workdir, "checkpoints"))
-    step = ckpt.latest_step()
-    if step is None:
-        raise FileNotFoundError(f"{rm_workdir}/checkpoints: no checkpoint; did the reward-model run finish?")
-    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, template)
-    restored = ckpt.manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.PyTreeRestore({"trainable": abstract}, partial_restore=True)))
-    ckpt.close()
-    leaves = jax.tree.leaves(restored["state"]["trainable"])
-    nnx.update(rm, jax.tree.unflatten(jax.tree.structure(template), leaves))
+    try:
+        step = ckpt.restore_module(rm, trainable_filter(TuningConfig(mode=info["tuning"]), adapter),
+                                   what="reward-model")
+    finally:
+        ckpt.close()
     print(f"reward model from {rm_workdir} (step {step}, {info['tuning']}, "
           f"{'shares the policy backbone' if shared else 'own backbone'})")
     return rm
