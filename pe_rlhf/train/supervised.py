@@ -210,6 +210,28 @@ def _pad_id(tokenizer) -> int:
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
 
+def plan_report(workdir: str, *, stage: str, model: str, dtype: str, tuning: TuningConfig, loop: LoopConfig,
+                prompt_len: int, response_len: int, target: str, optimizer: OptimizerConfig,
+                algorithm: str = "remax") -> dict:
+    """Compile the configured step for `target` without weights; print and return its memory report."""
+    from pe_rlhf.profiling.plan import plan_step
+
+    report = plan_step(stage=stage, model=model, tuning=tuning, batch_size=loop.batch_size, prompt_len=prompt_len,
+                       response_len=response_len, target=target, dtype=dtype, algorithm=algorithm,
+                       optimizer=optimizer)
+    summary = {"plan": report.as_dict(), "plan/peak_bytes": report.peak_bytes, "plan/fits": str(report.fits),
+               "plan/where": report.where}
+    print(report)
+    if report.memory is not None:
+        print(report.memory)
+    if report.hbm_bytes_per_device is not None:
+        print(f"fits in {report.hbm_bytes_per_device / 2**30:.2f} GiB of HBM per device: {report.fits}")
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "plan.json"), "w") as f:
+        json.dump(report.as_dict(), f, indent=2, default=str)
+    return summary
+
+
 # -- reward models ------------------------------------------------------------------------------
 @functools.partial(jax.jit, static_argnums=0)
 def _score(graphdef, trainable, frozen, tokens_BxT, mask_BxT):
@@ -238,11 +260,17 @@ def score_labeled(graphdef, trainable, frozen, batches) -> tuple[np.ndarray, np.
 def train_reward_model(*, workdir: str, dataset: D.Loaded, model: str = "tiny", dtype: str = "float32",
                        tuning: TuningConfig = TuningConfig(), optimizer: OptimizerConfig = OptimizerConfig(),
                        loop: LoopConfig = LoopConfig(), data: DataConfig = DataConfig(),
-                       center_coef: float = 0.0, adapter: str = "reward") -> dict:
+                       center_coef: float = 0.0, adapter: str = "reward", plan_only: str | None = None) -> dict:
     """Train a reward model: Bradley-Terry on preference pairs, or BCE on 0/1-labelled responses.
 
-    The kind follows the dataset's examples (`PreferenceExample` or `LabeledExample`).
+    The kind follows the dataset's examples (`PreferenceExample` or `LabeledExample`). With
+    `plan_only` ('local' or a TPU topology such as 'v5e:2x2') nothing trains: the step is compiled
+    from shapes alone and its per-device peak memory is reported (see `pe_rlhf.profiling.plan`).
     """
+    if plan_only is not None:
+        return plan_report(workdir, stage="reward_model", model=model, dtype=dtype, tuning=tuning, loop=loop,
+                           prompt_len=data.max_prompt_len, response_len=data.max_response_len, target=plan_only,
+                           optimizer=optimizer)
     examples = list(dataset.examples)
     if not examples:
         raise D.DataError(f"{dataset.source}: the dataset is empty")

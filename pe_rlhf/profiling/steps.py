@@ -1,0 +1,411 @@
+"""What a train step costs, before any weights exist: abstract step builders, compilation, a report.
+
+A builder returns a `StepSpec`: the pure step function, its ABSTRACT arguments
+(`jax.ShapeDtypeStruct` trees; models come from `nnx.eval_shape`, so a full-size
+preset costs no memory) and which arguments are donated (the trainable state and
+its optimizer state). Two steps, full or LoRA (`Tuning`):
+
+- `build_rm_step`: one Bradley-Terry update of a reward model on B pairs x T tokens
+  (`train.steps.train_step` with `pairwise_reward_loss`).
+- `build_rl_step`: one `train.policy.rl_step` (reinforce | remax | ppo) on B prompts
+  of T tokens with N new tokens. LoRA ("PE") mode is the PE-RLHF layout: ONE
+  frozen backbone carries a `policy` adapter, a `reward` adapter + head (and for
+  PPO a `value` adapter + head); the KL anchor is that backbone with adapters off.
+  Full mode is the layout the ReMax and PE-RLHF papers compare against: a fully
+  tuned policy, a SEPARATE frozen anchor (reference) and reward model, and for
+  PPO a separate fully tuned value model.
+
+`compile_step(spec, mesh=..., topology=...)` compiles it for local devices or,
+ahead of time, for a TPU slice; `measure_step` returns a `StepReport` (per-device
+peak = argument + output + temp - alias from XLA's memory analysis, the argument
+breakdown, and the median step time when run locally on random arrays).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import re
+import time
+from collections.abc import Callable
+
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from pe_rlhf.models import lora
+from pe_rlhf.models.config import ModelConfig
+from pe_rlhf.models.heads import RewardModel
+from pe_rlhf.models.transformer import Block, Transformer
+from pe_rlhf.profiling.aot import compile_for_topology
+from pe_rlhf.profiling.aot import topology as aot_topology
+from pe_rlhf.profiling.memory import MemoryReport, compiled_memory, format_bytes, lower_and_compile
+from pe_rlhf.profiling.timing import time_step
+from pe_rlhf.sharding.mesh import MeshConfig
+from pe_rlhf.sharding.rules import batch_shardings, named_sharding, path_str
+from pe_rlhf.train import steps as train_steps
+from pe_rlhf.train.optim import OptimizerConfig, make_optimizer
+from pe_rlhf.train.policy import RLConfig, RLModules, rl_step
+
+RL_ALGORITHMS = ("reinforce", "remax", "ppo")
+
+
+@dataclasses.dataclass(frozen=True)
+class Tuning:
+    """Full fine-tuning or LoRA, and the dtype of what stays frozen.
+
+    Defaults: PE-RLHF (arXiv 2403.10704) puts LoRA on the attention projections;
+    alpha = 2 * rank. Trainable weights and their Adam moments are always float32;
+    `frozen_dtype='bfloat16'` halves the frozen backbone (and the full-mode anchor
+    and reward model).
+    """
+
+    mode: str = "lora"  # lora | full
+    rank: int = 8
+    targets: str = "attention"
+    frozen_dtype: str = "float32"
+    remat: bool = False  # rematerialise each decoder block in the backward pass (saves its input only)
+
+    def __post_init__(self):
+        if self.mode not in ("lora", "full"):
+            raise ValueError(f"Tuning.mode={self.mode!r}; choose lora or full")
+        if self.frozen_dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"Tuning.frozen_dtype={self.frozen_dtype!r}; choose float32 or bfloat16")
+
+    @property
+    def label(self) -> str:
+        return ("full" if self.mode == "full" else f"lora-r{self.rank}") + ("-remat" if self.remat else "")
+
+    def lora_config(self) -> lora.LoRAConfig:
+        return lora.LoRAConfig(rank=self.rank, alpha=2.0 * self.rank, targets=self.targets)
+
+
+@dataclasses.dataclass(frozen=True)
+class StepSpec:
+    """A step function, its abstract arguments (named), and the argument indices it donates."""
+
+    name: str
+    fn: Callable
+    args: tuple
+    arg_names: tuple[str, ...]
+    donate_argnums: tuple[int, ...]
+    vocab_size: int
+    estimates: dict[str, int]  # bytes of named buffers the step creates (global, not per device)
+
+    def arg_bytes(self) -> dict[str, int]:
+        """Global bytes of each argument, e.g. {'trainable': ..., 'opt_state': ..., 'frozen': ..., 'batch': ...}."""
+        return {name: tree_bytes(arg) for name, arg in zip(self.arg_names, self.args)}
+
+
+def tree_bytes(tree) -> int:
+    """Bytes of every array (or ShapeDtypeStruct) leaf; PRNG keys count as their raw data."""
+    total = 0
+    for x in jax.tree.leaves(tree):
+        if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+            total += math.prod(x.shape) * 8
+        else:
+            total += math.prod(x.shape) * jnp.dtype(x.dtype).itemsize
+    return total
+
+
+class RematBlock(Block):
+    """A decoder block whose activations are recomputed in the backward pass (`jax.checkpoint`)."""
+
+    def __call__(self, *args):
+        graphdef, state = nnx.split(self)
+        # A fresh module inside the checkpoint: a block reads its weights and writes nothing.
+        run = lambda state, *args: Block.__call__(nnx.merge(graphdef, state), *args)
+        return jax.checkpoint(run)(state, *args)
+
+
+def _transformer(cfg: ModelConfig, dtype, seed: int, remat: bool) -> Transformer:
+    model = Transformer(cfg, dtype=dtype, rngs=nnx.Rngs(seed))
+    if remat:  # same parameters and paths; only the class of each block changes (it is in the graphdef)
+        for block in model.layers:
+            block.__class__ = RematBlock
+    return model
+
+
+# -- builders ---------------------------------------------------------------------------------
+def build_rm_step(cfg: ModelConfig, tuning: Tuning = Tuning(), *, pairs: int, seq_len: int,
+                  optimizer: OptimizerConfig = OptimizerConfig()) -> StepSpec:
+    """The Bradley-Terry step on `pairs` x `seq_len`: LoRA adapter + head train, or every parameter."""
+    dtype = jnp.dtype(tuning.frozen_dtype if tuning.mode == "lora" else "float32")
+
+    def build():
+        backbone = _transformer(cfg, dtype, 0, tuning.remat)
+        if tuning.mode == "full":
+            return RewardModel(backbone)
+        lora.add_lora(backbone, "reward", tuning.lora_config())
+        return RewardModel(backbone, adapters=("reward",))
+
+    model = nnx.eval_shape(build)
+    trainable_filter = (nnx.Param if tuning.mode == "full"
+                        else nnx.Any(lora.adapter_filter("reward"), nnx.PathContains("head")))
+    graphdef, trainable, frozen = nnx.split(model, trainable_filter, ...)
+    tx = make_optimizer(optimizer)
+    opt_state = jax.eval_shape(tx.init, trainable)
+    tokens = jax.ShapeDtypeStruct((pairs, seq_len), jnp.int32)
+    batch = {"chosen_tokens_BxT": tokens, "rejected_tokens_BxT": tokens,
+             "chosen_mask_BxT": tokens, "rejected_mask_BxT": tokens}
+
+    def step(trainable, opt_state, frozen, batch):
+        return train_steps.train_step(trainable, opt_state, frozen, batch, graphdef=graphdef, tx=tx,
+                                      loss_fn=train_steps.pairwise_reward_loss)
+
+    rows = 2 * pairs
+    estimates = {"hidden_per_layer": rows * seq_len * cfg.hidden_size * 4,
+                 "attention_probs_per_layer": rows * cfg.num_heads * seq_len * seq_len * 4}
+    return StepSpec(f"rm/{tuning.label}", step, (trainable, opt_state, frozen, batch),
+                    ("trainable", "opt_state", "frozen", "batch"), (0, 1), cfg.vocab_size, estimates)
+
+
+def _value_or_head(names: tuple[str, ...], heads: tuple[str, ...]):
+    """Filter: LoRAParams of adapters `names`, and every Param under a top-level module in `heads` named head."""
+    adapters = lora.adapter_filter(*names)
+
+    def is_trainable(path, value) -> bool:
+        return adapters(path, value) or (path[0] in heads and "head" in path and isinstance(value, nnx.Param))
+
+    return is_trainable
+
+
+def build_rl_step(cfg: ModelConfig, tuning: Tuning = Tuning(), *, algorithm: str = "remax", prompts: int,
+                  prompt_len: int, new_tokens: int, ppo_epochs: int = 4,
+                  optimizer: OptimizerConfig = OptimizerConfig()) -> StepSpec:
+    """One RL update (reinforce | remax | ppo) on `prompts` x `prompt_len` + `new_tokens` sampled tokens."""
+    if algorithm not in RL_ALGORITHMS:
+        raise ValueError(f"build_rl_step: algorithm={algorithm!r}; choose one of {', '.join(RL_ALGORITHMS)}")
+    ppo = algorithm == "ppo"
+    frozen_dtype = jnp.dtype(tuning.frozen_dtype)
+
+    def build_pe():
+        backbone = _transformer(cfg, frozen_dtype, 0, tuning.remat)
+        for name in ("policy", "reward") + (("value",) if ppo else ()):
+            lora.add_lora(backbone, name, tuning.lora_config())
+        value = RewardModel(backbone, adapters=("value",)) if ppo else None
+        return RLModules(backbone, policy_adapters=("policy",), anchor=None,
+                         reward=RewardModel(backbone, adapters=("reward",)), value=value)
+
+    def build_full():
+        model = lambda dtype, seed: _transformer(cfg, dtype, seed, tuning.remat)
+        value = RewardModel(model(jnp.float32, 3)) if ppo else None
+        return RLModules(model(jnp.float32, 0), policy_adapters=(), anchor=model(frozen_dtype, 1),
+                         reward=RewardModel(model(frozen_dtype, 2)), value=value)
+
+    if tuning.mode == "lora":
+        modules = nnx.eval_shape(build_pe)
+        trainable_filter = _value_or_head(("policy", "value") if ppo else ("policy",), ("value",))
+    else:
+        modules = nnx.eval_shape(build_full)
+        trainable_filter = lambda path, value: isinstance(value, nnx.Param) and path[0] in ("policy", "value")
+    graphdef, trainable, frozen = nnx.split(modules, trainable_filter, ...)
+    tx = make_optimizer(optimizer)
+    opt_state = jax.eval_shape(tx.init, trainable)
+    rl_cfg = RLConfig(algorithm=algorithm, max_new_tokens=new_tokens, ppo_epochs=ppo_epochs)
+    prompt = jax.ShapeDtypeStruct((prompts, prompt_len), jnp.int32)
+    batch = {"prompt_BxT": prompt, "prompt_mask_BxT": prompt}
+    rl_state = {"baseline": jax.ShapeDtypeStruct((), jnp.float32)}
+    rng = jax.eval_shape(lambda: jax.random.key(0))
+    step = functools.partial(rl_step, graphdef=graphdef, tx=tx, cfg=rl_cfg, reward_fn=None,
+                             eos_ids=tuple(cfg.eos_token_ids), pad_id=cfg.pad_token_id or 0)
+
+    rows = 2 * prompts if algorithm == "remax" else prompts  # ReMax adds one greedy rollout per prompt
+    length = prompt_len + new_tokens
+    compute_itemsize = 4 if tuning.mode == "full" else frozen_dtype.itemsize
+    estimates = {
+        "prefill_logits": rows * prompt_len * cfg.vocab_size * 4,  # the sampler's prefill, every prompt position
+        "response_logits": rows * new_tokens * cfg.vocab_size * 4,  # one [rows, N, V] float32 block
+        "kv_cache": 2 * cfg.num_layers * rows * length * cfg.num_kv_heads * cfg.head_dim * compute_itemsize,
+    }
+    return StepSpec(f"{algorithm}/{tuning.label}", step, (trainable, opt_state, frozen, rl_state, batch, rng),
+                    ("trainable", "opt_state", "frozen", "rl_state", "batch", "rng"), (0, 1), cfg.vocab_size,
+                    estimates)
+
+
+# -- shardings and compilation ------------------------------------------------------------------
+def arg_shardings(spec: StepSpec, mesh: Mesh) -> tuple:
+    """Shardings of `spec.args` over `mesh`: parameters by their logical axes, the batch over data axes.
+
+    Optimizer moments carry the parameters' Variable metadata (Optax maps over the nnx.State), so they
+    shard like their parameters; other leaves (step counts, the baseline, the PRNG key) are replicated.
+    """
+    replicated = NamedSharding(mesh, PartitionSpec())
+
+    def place(path, x):
+        if isinstance(x, nnx.Variable):
+            axes = x.get_metadata().get("logical_axes")
+            shape = x.get_value().shape
+            if axes is None or len(axes) != len(shape):
+                return x.replace(replicated)
+            return x.replace(named_sharding(mesh, axes, shape, where=f"parameter {path_str(path)}"))
+        return replicated
+
+    out = []
+    for name, arg in zip(spec.arg_names, spec.args):
+        if name == "batch":
+            out.append(batch_shardings(arg, mesh))
+        else:
+            out.append(jax.tree_util.tree_map_with_path(place, arg, is_leaf=lambda v: isinstance(v, nnx.Variable)))
+    return tuple(out)
+
+
+def compile_step(spec: StepSpec, mesh: Mesh | None = None, topology: str | None = None, *,
+                 mesh_config: MeshConfig = MeshConfig(data=1, fsdp=-1)) -> jax.stages.Compiled:
+    """Compile `spec` without running it: for a TPU slice (`topology`, e.g. 'v5e:2x2', ahead of time),
+    over a local `mesh`, or (neither) on the default device. Trainable and optimizer state are donated.
+
+    The default mesh for a topology is FSDP over every chip (parameters and moments split along `embed`).
+    """
+    if topology is not None and mesh is not None:
+        raise ValueError("compile_step: give a local mesh or a TPU topology, not both")
+    if topology is not None:
+        compiled, _ = compile_for_topology(spec.fn, spec.args, topology, mesh_config=mesh_config,
+                                           in_shardings=lambda m: arg_shardings(spec, m),
+                                           donate_argnums=spec.donate_argnums)
+        return compiled
+    if mesh is not None:
+        with jax.set_mesh(mesh):
+            return jax.jit(spec.fn, in_shardings=arg_shardings(spec, mesh),
+                           donate_argnums=spec.donate_argnums).lower(*spec.args).compile()
+    return lower_and_compile(spec.fn, *spec.args, donate_argnums=spec.donate_argnums)
+
+
+def concrete_args(spec: StepSpec, seed: int = 0) -> tuple:
+    """Random arrays shaped like `spec.args`: weights N(0, 0.02^2), optimizer state zeros, masks ones,
+    tokens uniform over the vocabulary, a fresh PRNG key."""
+    key = jax.random.key(seed)
+
+    def make(arg_name):
+        def leaf(path, x):
+            nonlocal key
+            key, sub = jax.random.split(key)
+            if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+                return jax.random.key(seed)
+            if arg_name == "opt_state" or not x.shape and arg_name != "batch":
+                return jnp.zeros(x.shape, x.dtype)
+            if jnp.issubdtype(x.dtype, jnp.floating):
+                return (0.02 * jax.random.normal(sub, x.shape, jnp.float32)).astype(x.dtype)
+            if "mask" in path_str(path):
+                return jnp.ones(x.shape, x.dtype)
+            return jax.random.randint(sub, x.shape, 3, spec.vocab_size, jnp.int32).astype(x.dtype)
+        return leaf
+
+    return tuple(jax.tree_util.tree_map_with_path(make(name), arg) for name, arg in zip(spec.arg_names, spec.args))
+
+
+# -- the report ---------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class StepReport:
+    """Per-device memory of one compiled step, its argument breakdown, and (locally) its median time.
+
+    `memory` is None when the TPU compiler refused the program; `reported_peak_bytes` then holds the
+    usage its message gives (`reported_usage`; for temporaries alone it is a lower bound of the peak).
+    """
+
+    name: str
+    where: str  # 'local:cpu x1' or a topology such as 'v5e:2x2'
+    memory: MemoryReport | None
+    arg_bytes: dict[str, int]  # global bytes of each argument group
+    estimates: dict[str, int]
+    compile_s: float
+    hbm_bytes_per_device: int | None = None
+    median_step_s: float | None = None
+    compiler_error: str | None = None
+    reported_peak_bytes: int | None = None
+    flops: float | None = None  # XLA's cost analysis; a while loop's body (the sampler, PPO epochs) counts once
+
+    @property
+    def peak_bytes(self) -> int | None:
+        return self.memory.peak_bytes if self.memory is not None else self.reported_peak_bytes
+
+    @property
+    def fits(self) -> bool | None:
+        if self.hbm_bytes_per_device is None:
+            return None
+        return self.memory is not None and self.memory.peak_bytes <= self.hbm_bytes_per_device
+
+    def as_dict(self) -> dict:
+        return {"name": self.name, "where": self.where, "peak_bytes": self.peak_bytes, "fits": self.fits,
+                "memory": None if self.memory is None else self.memory.as_dict(), "arg_bytes": self.arg_bytes,
+                "estimates": self.estimates, "compile_s": self.compile_s,
+                "hbm_bytes_per_device": self.hbm_bytes_per_device, "median_step_s": self.median_step_s,
+                "compiler_error": self.compiler_error, "reported_peak_bytes": self.reported_peak_bytes,
+                "flops": self.flops}
+
+    def __str__(self) -> str:
+        peak = "n/a" if self.peak_bytes is None else format_bytes(self.peak_bytes)
+        t = "" if self.median_step_s is None else f", median step {self.median_step_s:.3f} s"
+        return f"{self.name} on {self.where}: peak {peak} per device{t}"
+
+
+def compiled_flops(compiled: jax.stages.Compiled) -> float | None:
+    """Floating-point operations of one call from XLA's cost analysis (None where the backend gives none)."""
+    try:
+        cost = compiled.cost_analysis()
+    except Exception:  # noqa: BLE001 - some backends raise instead of returning nothing
+        return None
+    if isinstance(cost, (list, tuple)):
+        cost = cost[0] if cost else None
+    return None if not cost or "flops" not in cost else float(cost["flops"])
+
+
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def reported_usage(message: str | None) -> int | None:
+    """Bytes from a TPU out-of-memory message, or None: 'Used 20.13G of 15.75G hbm' (the whole program) or
+    'the total memory required for HLO temporaries (16.24G) exceeds' (temporaries only: a lower bound)."""
+    for pattern in (r"Used ([\d.]+)([KMGT]?) of [\d.]+[KMGT]? hbm", r"HLO temporaries \(([\d.]+)([KMGT]?)\)"):
+        match = re.search(pattern, message or "")
+        if match is not None:
+            return int(float(match.group(1)) * _UNITS[match.group(2)])
+    return None
+
+
+def measure_step(spec: StepSpec, *, topology: str | None = None, mesh: Mesh | None = None,
+                 mesh_config: MeshConfig = MeshConfig(data=1, fsdp=-1), time_iters: int = 0,
+                 seed: int = 0) -> StepReport:
+    """Compile `spec` and read its memory; with `time_iters` > 0 (local only) also time it on random arrays,
+    carrying the donated state from call to call as a training loop does."""
+    start = time.perf_counter()
+    if topology is not None:
+        if time_iters:
+            raise ValueError("measure_step: a TPU topology is compiled ahead of time and cannot be timed here")
+        hbm = aot_topology(topology).hbm_bytes_per_device
+        try:
+            compiled = compile_step(spec, topology=topology, mesh_config=mesh_config)
+        except jax.errors.JaxRuntimeError as e:  # the TPU compiler refuses a program larger than HBM
+            if "RESOURCE_EXHAUSTED" not in str(e):
+                raise
+            error = str(e).splitlines()[0]
+            return StepReport(spec.name, topology, None, spec.arg_bytes(), spec.estimates,
+                              time.perf_counter() - start, hbm, None, error, reported_usage(str(e)))
+        return StepReport(spec.name, topology, compiled_memory(compiled), spec.arg_bytes(), spec.estimates,
+                          time.perf_counter() - start, hbm, flops=compiled_flops(compiled))
+    compiled = compile_step(spec, mesh=mesh)
+    compile_s = time.perf_counter() - start
+    memory = compiled_memory(compiled)
+    where = f"local:{jax.default_backend()} x{1 if mesh is None else mesh.size}"
+    median = None
+    if time_iters:
+        args = list(concrete_args(spec, seed))
+        if mesh is not None:
+            args = list(jax.device_put(tuple(args), arg_shardings(spec, mesh)))
+
+        def call():
+            out = compiled(*args)
+            for i in spec.donate_argnums:  # output i is the new value of donated argument i
+                args[i] = out[i]
+            return out
+
+        median = time_step(call, (), warmup=1, iters=time_iters).median_s
+    return StepReport(spec.name, where, memory, spec.arg_bytes(), spec.estimates, compile_s, None, median,
+                      flops=compiled_flops(compiled))
+
+
+__all__ = ["RL_ALGORITHMS", "StepReport", "StepSpec", "Tuning", "arg_shardings", "build_rl_step", "build_rm_step",
+           "compile_step", "compiled_flops", "concrete_args", "measure_step", "reported_usage", "tree_bytes"]

@@ -1,0 +1,72 @@
+"""experiments/benchmark.py end to end on a tiny grid (CPU, in a subprocess): JSON, table, plots, ratios."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+SCRIPT = os.path.join(REPO, "experiments", "benchmark.py")
+
+
+@pytest.fixture(scope="module")
+def grid(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    cmd = [sys.executable, SCRIPT, "--local", "--preset-override", "tiny", "--presets", "gemma3-270m",
+           "--tunings", "full", "lora4", "--rl-tunings", "lora4", "--stages", "rm", "remax", "ppo",
+           "--rm-pairs", "2", "--rm-len", "16", "--rl-prompts", "2", "--prompt-len", "8", "--new-tokens", "4",
+           "--ppo-epochs", "1", "--time-iters", "1", "--out", str(out)]
+    env = dict(os.environ, JAX_PLATFORMS="cpu", MPLBACKEND="Agg")
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return out, proc.stdout
+
+
+def test_outputs_parse_and_lora_is_below_full(grid):
+    out, stdout = grid
+    with open(out / "results.json") as f:
+        results = json.load(f)
+    rows = {(r["stage"], r["tuning"]): r for r in results["rows"]}
+    assert set(rows) == {("rm", "full"), ("rm", "lora-r4"), ("remax", "lora-r4"), ("ppo", "lora-r4")}
+    for r in rows.values():
+        m = r["memory"]
+        assert r["peak_bytes"] == m["argument_bytes"] + m["output_bytes"] + m["temp_bytes"] - m["alias_bytes"] > 0
+        assert r["median_step_s"] > 0
+    assert rows[("rm", "lora-r4")]["peak_bytes"] < rows[("rm", "full")]["peak_bytes"]
+    # the tiny gemma3: V=512, D=64, 2 layers, 4 heads x 16, 2 KV heads, F=128, tied; plus 2 qk-norms and
+    # 4 block norms per layer and the final norm
+    per_layer = 64 * 64 * 2 + 64 * 32 * 2 + 3 * 64 * 128 + 2 * 16 + 4 * 64
+    assert results["param_counts"] == {"gemma3-270m": 512 * 64 + 2 * per_layer + 64}
+    assert rows[("rm", "full")]["arg_bytes"]["trainable"] == (512 * 64 + 2 * per_layer + 64 + 65) * 4
+
+    ratios = {r["comparison"]: r for r in results["ratios"]}
+    rm_ratio = ratios["RM lora-r4 / RM full"]
+    assert rm_ratio["memory"] == pytest.approx(rows[("rm", "lora-r4")]["peak_bytes"] / rows[("rm", "full")]["peak_bytes"])
+    assert rm_ratio["memory"] < 1
+    assert rm_ratio["speedup"] == pytest.approx(rows[("rm", "full")]["median_step_s"]
+                                                / rows[("rm", "lora-r4")]["median_step_s"])
+    remax_ppo = ratios["ReMax lora-r4 / PPO lora-r4"]
+    assert remax_ppo["memory"] == pytest.approx(rows[("remax", "lora-r4")]["peak_bytes"]
+                                                / rows[("ppo", "lora-r4")]["peak_bytes"])
+    assert "RM lora-r4 / RM full" in stdout and "ReMax lora-r4 / PPO lora-r4" in stdout  # printed side by side
+
+
+def test_table_plots_and_resume(grid):
+    out, _ = grid
+    table = (out / "table.md").read_text()
+    assert table.count("| gemma3-270m |") == 4 + 2  # four rows of the grid, two ratio rows
+    for name in ("peak_by_rank.png", "lora_full_ratio_by_size.png", "remax_ppo_ratio.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    lines = (out / "rows.jsonl").read_text().splitlines()
+    assert len(lines) == 4 and all(json.loads(line)["preset"] == "gemma3-270m" for line in lines)
+
+
+def test_bad_arguments_are_clear_errors(tmp_path):
+    run = lambda *a: subprocess.run([sys.executable, SCRIPT, *a, "--out", str(tmp_path)], capture_output=True,
+                                    text=True, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    proc = run("--topology", "v5e:2x2", "--time-iters", "2")
+    assert proc.returncode == 2 and "--time-iters needs --local" in proc.stderr
+    proc = run("--local", "--tunings", "lora", "--presets", "gemma3-270m")
+    assert proc.returncode != 0 and "'lora' is not 'full' or 'lora<rank>'" in proc.stderr
