@@ -81,7 +81,9 @@ def sample_traced(model: Transformer, prompt_BxT, prompt_mask_BxT, greedy_B, rng
     b, t = prompt_BxT.shape
     n = cfg.max_new_tokens
     cache = model.init_cache(b, t + n)
-    logits_BxTxV, cache = model.decode(prompt_BxT, cache, input_mask_BxT=prompt_mask_BxT)
+    # prefill: vocabulary logits at the last prompt position only (not [B, T, V], which for a
+    # 262k vocabulary is the largest buffer of a long-prompt rollout)
+    h_BxTxD, cache = model.hidden(prompt_BxT, input_mask_BxT=prompt_mask_BxT, cache=cache)
     eos_E = jnp.asarray(eos_ids if eos_ids else (-1,), jnp.int32)
 
     state = SamplingState(
@@ -90,7 +92,7 @@ def sample_traced(model: Transformer, prompt_BxT, prompt_mask_BxT, greedy_B, rng
         tokens_BxN=jnp.full((b, n), pad_id, jnp.int32),
         logprobs_BxN=jnp.zeros((b, n), jnp.float32),
         mask_BxN=jnp.zeros((b, n), bool),
-        logits_BxV=logits_BxTxV[:, -1],  # prompts are left-padded: the last column is real
+        logits_BxV=model.logits(h_BxTxD[:, -1]),  # prompts are left-padded: the last column is real
         cache=cache,
         rng=rng,
     )
