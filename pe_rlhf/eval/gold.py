@@ -35,6 +35,7 @@ from flax import nnx
 from pe_rlhf.data import toy
 from pe_rlhf.eval import judge as J
 from pe_rlhf.eval import winrate as W
+from pe_rlhf.train.pipeline import finished_summary
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,14 +118,6 @@ def policy_gold(model, tokenizer, prompts: Sequence[str], gold: Callable[[str, s
 
 
 # -- the study ---------------------------------------------------------------------------------------
-def _done(directory: str) -> dict | None:
-    path = os.path.join(directory, "summary.json")
-    if not os.path.exists(path):
-        return None
-    with open(path) as f:
-        return json.load(f)
-
-
 def _reward_fn_on_own_backbone(rm_workdir: str) -> Callable:
     """The proxy RM as a traceable reward function on its own frozen backbone.
 
@@ -169,7 +162,7 @@ def run_gold_benchmark(workdir: str, cfg: GoldBenchmarkConfig = GoldBenchmarkCon
     # SFT: the starting policy, fully tuned from the random tiny model
     sft_dir = os.path.join(workdir, "sft")
     t0 = time.perf_counter()
-    sft = _done(sft_dir) or train_sft(
+    sft = finished_summary(sft_dir) or train_sft(
         workdir=sft_dir, dataset=toy.sft_demonstrations(n=cfg.num_sft_examples, seed=cfg.seed + 1),
         model=cfg.model, tuning=TuningConfig(mode="full"), loop=loop(cfg.sft_steps), data=data,
         optimizer=OptimizerConfig(learning_rate=cfg.sft_lr, warmup_steps=min(20, cfg.sft_steps // 10),
@@ -184,7 +177,7 @@ def run_gold_benchmark(workdir: str, cfg: GoldBenchmarkConfig = GoldBenchmarkCon
     for tuning in cfg.rm_tunings:
         rm_dir = os.path.join(workdir, f"rm_{tuning}")
         t0 = time.perf_counter()
-        summary = _done(rm_dir) or train_reward_model(
+        summary = finished_summary(rm_dir) or train_reward_model(
             workdir=rm_dir, dataset=toy.preference_pairs(n=cfg.num_pairs, seed=cfg.seed), model=export,
             tuning=TuningConfig(mode=tuning, lora=lora_cfg), loop=loop(cfg.rm_steps), data=data,
             optimizer=OptimizerConfig(learning_rate=cfg.rm_lr_lora if tuning == "lora" else cfg.rm_lr_full,
@@ -217,7 +210,7 @@ def run_gold_benchmark(workdir: str, cfg: GoldBenchmarkConfig = GoldBenchmarkCon
             own_backbone = policy_tuning == "full" and rm_tuning == "lora"
             reward = ({"reward_fn": _reward_fn_on_own_backbone(rms[rm_tuning]["dir"])} if own_backbone
                       else {"reward_model": rms[rm_tuning]["dir"]})
-            summary = _done(rl_dir) or train_policy(
+            summary = finished_summary(rl_dir) or train_policy(
                 workdir=rl_dir, prompts=toy.prompts(n=cfg.num_rl_prompts, seed=cfg.seed + 2), model=export,
                 tuning=TuningConfig(mode=policy_tuning, lora=lora_cfg),
                 rl=RLConfig(algorithm=algorithm, kl_beta=cfg.kl_beta, max_new_tokens=cfg.max_response_len),

@@ -22,7 +22,8 @@ def _read_jsonl(path: str) -> list[dict]:
         return [json.loads(line) for line in f]
 
 
-def _done(workdir: str) -> dict | None:
+def finished_summary(workdir: str) -> dict | None:
+    """The summary.json of a finished stage's workdir, or None if it has not finished."""
     path = os.path.join(workdir, "summary.json")
     if not os.path.exists(path):
         return None
@@ -49,7 +50,7 @@ def rlhf_pipeline(*, workdir: str, model: str, sft_job: Callable, reward_job: Ca
             kwargs = {"model": summaries["sft"]["export"]}
         elif name == "rl":
             kwargs = {"model": summaries["sft"]["export"], "reward_model": os.path.join(workdir, "reward_model")}
-        finished = _done(stage_dir)
+        finished = finished_summary(stage_dir)
         t0 = time.perf_counter()
         if finished is None:
             print(f"\n=== {name} ===")
