@@ -198,6 +198,20 @@ class Block(nnx.Module):
         return x_BxTxD + y_BxTxD, kv
 
 
+def _call(block, *args):
+    return block(*args)
+
+
+def _checkpointed(block, *args):
+    """`block(*args)` under `jax.checkpoint`: the backward pass recomputes the block from its input.
+
+    The block is rebuilt inside the checkpoint from its (graphdef, state); it reads its weights and
+    writes nothing, so nothing has to flow back out.
+    """
+    graphdef, state = nnx.split(block)
+    return jax.checkpoint(lambda state, *args: nnx.merge(graphdef, state)(*args))(state, *args)
+
+
 class Transformer(nnx.Module):
     """Decoder-only language model.
 
@@ -206,10 +220,11 @@ class Transformer(nnx.Module):
     `model.hidden(...)` gives the final-norm hidden states for heads.
     """
 
-    def __init__(self, cfg: ModelConfig, *, dtype=jnp.float32, rngs: nnx.Rngs | None = None):
+    def __init__(self, cfg: ModelConfig, *, dtype=jnp.float32, rngs: nnx.Rngs | None = None, remat: bool = False):
         rngs = rngs if rngs is not None else nnx.Rngs(0)
         self.config = cfg
         self.dtype = dtype
+        self.remat = remat  # recompute each block's activations in the backward pass (keeps its input only)
         self.embedding = nnx.Param(
             _normal(rngs, (cfg.vocab_size, cfg.hidden_size), dtype, cfg.initializer_range),
             logical_axes=("vocab", "embed")
@@ -260,7 +275,8 @@ class Transformer(nnx.Module):
         for i, block in enumerate(self.layers):
             kv_cache = None if cache is None else (cache.k[i], cache.v[i])
             mask_BxTxS = sliding_BxTxS if block.sliding else full_BxTxS
-            x_BxTxD, (k, v) = block(x_BxTxD, positions_BxT, mask_BxTxS, kv_cache, end)
+            run = _checkpointed if self.remat else _call
+            x_BxTxD, (k, v) = run(block, x_BxTxD, positions_BxT, mask_BxTxS, kv_cache, end)
             new_k.append(k)
             new_v.append(v)
         x_BxTxD = self.final_norm(x_BxTxD)

@@ -39,7 +39,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from pe_rlhf.models import lora
 from pe_rlhf.models.config import ModelConfig
 from pe_rlhf.models.heads import RewardModel
-from pe_rlhf.models.transformer import Block, Transformer
+from pe_rlhf.models.transformer import Transformer
 from pe_rlhf.profiling.aot import compile_for_topology
 from pe_rlhf.profiling.aot import topology as aot_topology
 from pe_rlhf.profiling.memory import MemoryReport, compiled_memory, format_bytes, lower_and_compile
@@ -111,22 +111,8 @@ def tree_bytes(tree) -> int:
     return total
 
 
-class RematBlock(Block):
-    """A decoder block whose activations are recomputed in the backward pass (`jax.checkpoint`)."""
-
-    def __call__(self, *args):
-        graphdef, state = nnx.split(self)
-        # A fresh module inside the checkpoint: a block reads its weights and writes nothing.
-        run = lambda state, *args: Block.__call__(nnx.merge(graphdef, state), *args)
-        return jax.checkpoint(run)(state, *args)
-
-
 def _transformer(cfg: ModelConfig, dtype, seed: int, remat: bool) -> Transformer:
-    model = Transformer(cfg, dtype=dtype, rngs=nnx.Rngs(seed))
-    if remat:  # same parameters and paths; only the class of each block changes (it is in the graphdef)
-        for block in model.layers:
-            block.__class__ = RematBlock
-    return model
+    return Transformer(cfg, dtype=dtype, rngs=nnx.Rngs(seed), remat=remat)
 
 
 # -- builders ---------------------------------------------------------------------------------

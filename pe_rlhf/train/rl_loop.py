@@ -137,6 +137,7 @@ def train_policy(*, workdir: str, prompts: D.Loaded, model: str = "tiny", dtype:
         raise ValueError("train_policy needs exactly one of reward_model (an RM workdir) or reward_fn")
     # MODELS: one backbone for policy and anchor (and the reward model when it shares the base)
     backbone, tokenizer = load_backbone(model, dtype)
+    backbone.remat = tuning.remat
     anchor = None
     if tuning.mode == "lora":
         print(f"[{adapter}] {lora.add_lora(backbone, adapter, tuning.lora)}")

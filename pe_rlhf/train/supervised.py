@@ -43,6 +43,7 @@ class TuningConfig:
 
     mode: str = "lora"  # lora | full
     lora: lora.LoRAConfig = lora.LoRAConfig()
+    remat: bool = False  # recompute each decoder block in the backward pass: less activation memory, more FLOPs
 
     def __post_init__(self):
         if self.mode not in ("lora", "full"):
@@ -101,7 +102,8 @@ def trainable_filter(tuning: TuningConfig, adapter: str):
 
 
 def prepare(module: nnx.Module, backbone, tuning: TuningConfig, adapter: str) -> None:
-    """Add the adapter for LoRA mode and log what trains."""
+    """Add the adapter for LoRA mode, set rematerialisation, and log what trains."""
+    backbone.remat = tuning.remat
     if tuning.mode == "lora":
         count = lora.add_lora(backbone, adapter, tuning.lora)
         log.info("trainable: %s", count)
