@@ -108,13 +108,36 @@ class RLModules(nnx.Module):
                 yield self.policy
 
 
-def response_logits(model: Transformer, seq_BxL, seq_mask_BxL, prompt_len: int):
-    """Logits predicting each response token (positions prompt_len-1 .. L-2), float32 [B, N, V].
+def response_logprobs(model: Transformer, seq_BxL, seq_mask_BxL, prompt_len: int, tokens_BxN, *,
+                      chunk: int = 16):
+    """(log p(token), entropy) of each response token, [B, N] each, without a [B, N, V] buffer.
 
-    The vocabulary projection runs on response positions only.
+    The vocabulary projection, log-sum-exp and gather run over `chunk` response positions at a
+    time under `jax.checkpoint`, so forward and backward hold one [B, chunk, V] block instead of
+    the whole [B, N, V] (on a 262k vocabulary, the largest buffers of an RL step). Equal to
+    `token_logprobs` and `token_entropy` of the full logits up to float rounding.
     """
     h_BxLxD, _ = model.hidden(seq_BxL, input_mask_BxT=seq_mask_BxL)
-    return model.logits(h_BxLxD[:, prompt_len - 1:-1])
+    h_BxNxD = h_BxLxD[:, prompt_len - 1:-1]
+    b, n, d = h_BxNxD.shape
+    c = min(chunk, n)
+    pad = (-n) % c
+    h_BxNxD = jnp.pad(h_BxNxD, ((0, 0), (0, pad), (0, 0)))
+    tok_BxN = jnp.pad(tokens_BxN, ((0, 0), (0, pad)))
+
+    @jax.checkpoint
+    def one(h_BxCxD, tok_BxC):
+        logits_BxCxV = model.logits(h_BxCxD)
+        lse_BxC = jax.nn.logsumexp(logits_BxCxV, axis=-1)
+        picked_BxC = jnp.take_along_axis(logits_BxCxV, tok_BxC[..., None], axis=-1)[..., 0]
+        probs_BxCxV = jnp.exp(logits_BxCxV - lse_BxC[..., None])
+        entropy_BxC = lse_BxC - jnp.sum(probs_BxCxV * logits_BxCxV, axis=-1)
+        return picked_BxC - lse_BxC, entropy_BxC
+
+    chunks = (h_BxNxD.reshape(b, -1, c, d).swapaxes(0, 1), tok_BxN.reshape(b, -1, c).swapaxes(0, 1))
+    logp, entropy = jax.lax.map(lambda x: one(*x), chunks)  # [n/c, B, c]
+    unchunk = lambda x: x.swapaxes(0, 1).reshape(b, -1)[:, :n]
+    return unchunk(logp), unchunk(entropy)
 
 
 def _advantages(cfg: RLConfig, score_R, num_sampled: int, baseline):
@@ -171,7 +194,7 @@ def rl_step(trainable, opt_state, frozen, rl_state, batch, rng, *, graphdef, tx:
 
     # KL TO THE ANCHOR (the backbone with adapters off)
     with m.as_anchor() as anchor:
-        ref_logp_RxN = rl.token_logprobs(response_logits(anchor, seq_RxL, seq_mask_RxL, t), out.tokens_BxN)
+        ref_logp_RxN, _ = response_logprobs(anchor, seq_RxL, seq_mask_RxL, t, out.tokens_BxN)
     ref_logp_RxN = jax.lax.stop_gradient(ref_logp_RxN)
     kl_R = rl.sequence_kl(out.logprobs_BxN, ref_logp_RxN, resp_mask_RxN)
 
@@ -189,13 +212,12 @@ def rl_step(trainable, opt_state, frozen, rl_state, batch, rng, *, graphdef, tx:
     def loss_fn(trainable):
         m = nnx.merge(graphdef, trainable, frozen)
         with m.as_policy() as policy:
-            logits_SxNxV = response_logits(policy, seq_SxL, seq_mask_SxL, t)
-        logp_SxN = rl.token_logprobs(logits_SxNxV, tok_SxN)
+            logp_SxN, entropy_SxN = response_logprobs(policy, seq_SxL, seq_mask_SxL, t, tok_SxN)
         loss = pg_loss(adv_S, logp_SxN, mask_SxN)
         kl_loss = rl.token_mean_kl(logp_SxN, ref_logp_RxN[:s], mask_SxN)
         if not cfg.kl_in_reward:
             loss = loss + cfg.kl_beta * kl_loss
-        return loss, {"entropy": rl.masked_entropy(logits_SxNxV, mask_SxN), "kl_k3": kl_loss}
+        return loss, {"entropy": rl.masked_mean(entropy_SxN, mask_SxN), "kl_k3": kl_loss}
 
     (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
     updates, opt_state = tx.update(grads, opt_state, trainable)
@@ -251,8 +273,7 @@ def ppo_step(trainable, opt_state, frozen, rl_state, batch, rng, *, graphdef, tx
         rows_SxT, rows_mask_SxT, tok_SxN, mask_SxN)
     reward_S = jax.lax.stop_gradient(reward_S.astype(jnp.float32))
     with m.as_anchor() as anchor:
-        ref_logp_SxN = jax.lax.stop_gradient(
-            rl.token_logprobs(response_logits(anchor, seq_SxL, seq_mask_SxL, t), tok_SxN))
+        ref_logp_SxN = jax.lax.stop_gradient(response_logprobs(anchor, seq_SxL, seq_mask_SxL, t, tok_SxN)[0])
     kl_S = rl.sequence_kl(old_logp_SxN, ref_logp_SxN, mask_SxN)
     old_values_SxN = jax.lax.stop_gradient(m.value.token_values(seq_SxL, seq_mask_SxL, t))
 
@@ -268,13 +289,12 @@ def ppo_step(trainable, opt_state, frozen, rl_state, batch, rng, *, graphdef, tx
     def loss_fn(trainable):
         m = nnx.merge(graphdef, trainable, frozen)
         with m.as_policy() as policy:
-            logits_SxNxV = response_logits(policy, seq_SxL, seq_mask_SxL, t)
-        logp_SxN = rl.token_logprobs(logits_SxNxV, tok_SxN)
+            logp_SxN, entropy_SxN = response_logprobs(policy, seq_SxL, seq_mask_SxL, t, tok_SxN)
         values_SxN = m.value.token_values(seq_SxL, seq_mask_SxL, t)
         pg = rl.ppo_clipped_policy_loss(adv_SxN, logp_SxN, old_logp_SxN, mask_SxN, clip_epsilon=cfg.clip_epsilon)
         vf = rl.ppo_clipped_value_loss(values_SxN, old_values_SxN, returns_SxN, mask_SxN,
                                        clip_epsilon=cfg.value_clip_epsilon)
-        aux = {"policy_loss": pg, "value_loss": vf, "entropy": rl.masked_entropy(logits_SxNxV, mask_SxN),
+        aux = {"policy_loss": pg, "value_loss": vf, "entropy": rl.masked_mean(entropy_SxN, mask_SxN),
                "clip_fraction": rl.ppo_clip_fraction(adv_SxN, logp_SxN, old_logp_SxN, mask_SxN,
                                                      clip_epsilon=cfg.clip_epsilon)}
         return pg + cfg.value_coef * vf, aux

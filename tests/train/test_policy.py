@@ -169,3 +169,26 @@ def test_ppo_with_a_lora_value_model_on_the_same_backbone():
     assert np.mean(rewards[-5:]) > np.mean(rewards[:5]) + 0.15, rewards
     head_after = np.asarray(nnx.merge(graphdef, trainable, frozen).value.head.kernel[...])
     assert np.abs(head_after - head_before).max() > 0
+
+
+def test_chunked_response_logprobs_equal_the_full_softmax():
+    from pe_rlhf import rl
+    from pe_rlhf.train.policy import response_logprobs
+
+    backbone, _ = tiny_model("gemma3", seed=1)
+    seq = jax.random.randint(jax.random.key(0), (3, 12), 4, 100)
+    mask = jnp.ones((3, 12), bool).at[0, :2].set(False)  # a left-padded prompt
+    t, tokens = 5, seq[:, 5:]  # 7 response tokens: not a multiple of the chunk
+
+    def full(model):
+        h, _ = model.hidden(seq, input_mask_BxT=mask)
+        logits = model.logits(h[:, t - 1:-1])
+        return rl.token_logprobs(logits, tokens), rl.token_entropy(logits)
+
+    (lp_full, ent_full), (lp, ent) = full(backbone), response_logprobs(backbone, seq, mask, t, tokens, chunk=3)
+    np.testing.assert_allclose(np.asarray(lp), np.asarray(lp_full), atol=2e-5)
+    np.testing.assert_allclose(np.asarray(ent), np.asarray(ent_full), atol=2e-5)
+    g_full = nnx.grad(lambda m: full(m)[0].sum())(backbone)
+    g = nnx.grad(lambda m: response_logprobs(m, seq, mask, t, tokens, chunk=3)[0].sum())(backbone)
+    for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g_full)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-5, rtol=1e-4)
