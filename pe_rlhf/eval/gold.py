@@ -28,7 +28,6 @@ import traceback
 from typing import Callable, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -118,24 +117,6 @@ def policy_gold(model, tokenizer, prompts: Sequence[str], gold: Callable[[str, s
 
 
 # -- the study ---------------------------------------------------------------------------------------
-def _reward_fn_on_own_backbone(rm_workdir: str) -> Callable:
-    """The proxy RM as a traceable reward function on its own frozen backbone.
-
-    Used for a fully tuned policy against a LoRA proxy on the same base: `train_policy`'s
-    `reward_model=` path would put the reward adapter on the policy's backbone, which the
-    full policy update then changes (the proxy would drift with the policy).
-    """
-    rm, _, _ = W.load_reward_model(rm_workdir)
-    graphdef, state = nnx.split(rm)
-
-    def reward_fn(prompt_BxT, prompt_mask_BxT, response_BxN, response_mask_BxN):
-        seq = jnp.concatenate([prompt_BxT, response_BxN], axis=1)
-        mask = jnp.concatenate([prompt_mask_BxT.astype(bool), response_mask_BxN.astype(bool)], axis=1)
-        return nnx.merge(graphdef, state)(seq, mask)
-
-    return reward_fn
-
-
 def run_gold_benchmark(workdir: str, cfg: GoldBenchmarkConfig = GoldBenchmarkConfig(),
                        gold: Callable[[str, str], float] = toy.gold_reward) -> dict:
     """Run (or resume) the study in `workdir`; writes gold_benchmark.json and gold_benchmark.md."""
@@ -207,9 +188,6 @@ def run_gold_benchmark(workdir: str, cfg: GoldBenchmarkConfig = GoldBenchmarkCon
         row = {"policy": policy_tuning, "algorithm": algorithm, "proxy_rm": rm_tuning}
         t0 = time.perf_counter()
         try:
-            own_backbone = policy_tuning == "full" and rm_tuning == "lora"
-            reward = ({"reward_fn": _reward_fn_on_own_backbone(rms[rm_tuning]["dir"])} if own_backbone
-                      else {"reward_model": rms[rm_tuning]["dir"]})
             summary = finished_summary(rl_dir) or train_policy(
                 workdir=rl_dir, prompts=toy.prompts(n=cfg.num_rl_prompts, seed=cfg.seed + 2), model=export,
                 tuning=TuningConfig(mode=policy_tuning, lora=lora_cfg),
@@ -217,15 +195,14 @@ def run_gold_benchmark(workdir: str, cfg: GoldBenchmarkConfig = GoldBenchmarkCon
                 optimizer=OptimizerConfig(learning_rate=cfg.rl_lr_lora if policy_tuning == "lora" else cfg.rl_lr_full,
                                           schedule="constant"),
                 loop=loop(cfg.rl_steps, cfg.rl_eval_every),
-                data=DataConfig(max_prompt_len=cfg.max_prompt_len, eval_size=24, split_seed=cfg.seed), **reward)
+                data=DataConfig(max_prompt_len=cfg.max_prompt_len, eval_size=24, split_seed=cfg.seed),
+                reward_model=rms[rm_tuning]["dir"])  # a LoRA proxy shares the backbone only with a LoRA policy
             row["seconds"] = time.perf_counter() - t0
             model, tokenizer, _ = W.load_policy(rl_dir, lora_config=lora_cfg)
             ev = policy_gold(model, tokenizer, prompts, gold, **measure)
             row.update(gold_sampled=ev["gold_sampled"], gold_greedy=ev["gold_greedy"],
                        proxy_sampled=float(np.mean(rms[rm_tuning]["scorer"](ev["sampled_prompts"], ev["sampled"]))),
                        kl=_last_logged(rl_dir, "train/kl"))
-            if own_backbone:
-                row["note"] = "proxy on its own backbone"
         except Exception as e:  # noqa: BLE001 — one failed configuration is reported, the others still run
             traceback.print_exc()
             row["error"] = f"{type(e).__name__}: {e}"
