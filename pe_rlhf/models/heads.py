@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 from flax import nnx
 
-from pe_rlhf.models.transformer import Transformer
+from pe_rlhf.models.transformer import Packing, Transformer
 
 
 def last_real_index(mask_BxT):
@@ -37,21 +37,30 @@ class RewardModel(nnx.Module):
         self.head = ScalarHead(backbone.config.hidden_size)
         self.adapters = adapters
 
-    def _hidden(self, tokens_BxT, mask_BxT):
+    def _hidden(self, tokens_BxT, mask_BxT=None, **packed):
         if self.adapters is None:
-            return self.backbone.hidden(tokens_BxT, input_mask_BxT=mask_BxT)[0]
+            return self.backbone.hidden(tokens_BxT, input_mask_BxT=mask_BxT, **packed)[0]
         from pe_rlhf.models.lora import use_adapters
 
         with use_adapters(self.backbone, *self.adapters):
-            return self.backbone.hidden(tokens_BxT, input_mask_BxT=mask_BxT)[0]
+            return self.backbone.hidden(tokens_BxT, input_mask_BxT=mask_BxT, **packed)[0]
 
     def __call__(self, tokens_BxT, mask_BxT):
         """One score per sequence, read at its last real token: [B]."""
         mask_BxT = mask_BxT.astype(bool)
-        h_BxTxD = self._hidden(tokens_BxT, mask_BxT)
-        idx_B = last_real_index(mask_BxT)
-        h_BxD = jnp.take_along_axis(h_BxTxD, idx_B[:, None, None], axis=1)[:, 0]
-        return self.head(h_BxD)
+        h_Bx1xD = self._hidden(tokens_BxT, mask_BxT, read_BxM=last_real_index(mask_BxT)[:, None])
+        return self.head(h_Bx1xD[:, 0])
+
+    def score_packed(self, batch, span: int):
+        """Scores of a packed batch (`pe_rlhf.data.packing`): [R, P, K], one per response of each item.
+
+        `span` is the longest item the batch may hold (prompt + responses), a static int.
+        """
+        packing = Packing(batch["segment_RxN"], batch["branch_RxN"], span=span)
+        r, p, k = batch["read_RxPxK"].shape
+        h_RxPKxD = self._hidden(batch["tokens_RxN"], positions_BxT=batch["positions_RxN"], packing=packing,
+                                read_BxM=batch["read_RxPxK"].reshape(r, p * k))
+        return self.head(h_RxPKxD).reshape(r, p, k)
 
     def token_values(self, tokens_BxL, mask_BxL, prompt_len: int):
         """A score at every position that predicts a response token (PPO's value of each state): [B, N].

@@ -11,6 +11,9 @@ adapters replace them by path without touching any forward pass, and a reward
 head reads `Transformer.hidden`.
 
 Decoding carries an explicit `KVCache` in and out; nothing mutates inside jit.
+Packed rows (several sequences per row, a reward pair's shared prompt computed
+once) carry a `Packing`: segment and branch ids decide who sees whom, and
+attention runs over windows of `span` keys instead of the whole row.
 """
 
 from __future__ import annotations
@@ -96,6 +99,98 @@ class KVCache:
         return self.mask_BxS.shape[1]
 
 
+@struct.dataclass
+class Packing:
+    """Several sequences packed into the rows of a batch (no KV cache).
+
+    `segment_BxT`: the packed item each token belongs to (-1: padding). `branch_BxT`: 0 for the
+    tokens every continuation of the item sees (its prompt), k > 0 for the k-th continuation,
+    which sees the prompt and itself only: a preference pair is `[prompt | chosen | rejected]`,
+    the prompt computed once. Positions are the caller's (`positions_BxT`: each branch continues
+    the prompt's positions). No item is longer than `span` tokens, so each query attends to a
+    window of keys in chunks of `chunk` queries: T x span work instead of T x T.
+    """
+
+    segment_BxT: jax.Array
+    branch_BxT: jax.Array
+    span: int = struct.field(pytree_node=False)
+    chunk: int = struct.field(pytree_node=False, default=64)
+
+
+@struct.dataclass
+class LocalMask:
+    """A `Packing`'s attention mask by chunks: query chunk c sees the `blocks` key chunks ending at c."""
+
+    mask_BxCxQxW: jax.Array
+    chunk: int = struct.field(pytree_node=False)
+    blocks: int = struct.field(pytree_node=False)
+
+
+def _key_windows(x_BxT, blocks: int, chunk: int, fill):
+    """[B, T, ...] -> [B, C, blocks * chunk, ...]: for query chunk c, the keys of chunks c-blocks+1..c."""
+    b, t = x_BxT.shape[:2]
+    pad = [(0, 0), ((blocks - 1) * chunk, 0)] + [(0, 0)] * (x_BxT.ndim - 2)
+    x = jnp.pad(x_BxT, pad, constant_values=fill)
+    x = x.reshape(b, t // chunk + blocks - 1, chunk, *x_BxT.shape[2:])
+    c = t // chunk
+    windows = jnp.stack([x[:, i:i + c] for i in range(blocks)], axis=2)
+    return windows.reshape(b, c, blocks * chunk, *x_BxT.shape[2:])
+
+
+def gather_rows(x_BxT, index_BxM):
+    """x[b, index[b, m]] for each row b: [B, M, ...]."""
+    index = index_BxM.reshape(index_BxM.shape + (1,) * (x_BxT.ndim - 2))
+    return jnp.take_along_axis(x_BxT, index, axis=1)
+
+
+def packed_query_masks(packing: Packing, positions_BxT, index_BxM, sliding_window: int | None):
+    """(global, sliding) dense masks [B, M, T] of the queries at `index_BxM` in a packed batch."""
+    t = packing.segment_BxT.shape[1]
+    q = lambda x: gather_rows(x, index_BxM)[:, :, None]
+    k = lambda x: x[:, None, :]
+    slots = jnp.broadcast_to(jnp.arange(t), packing.segment_BxT.shape)
+    seg, br = packing.segment_BxT, packing.branch_BxT
+    full = ((q(seg) == k(seg)) & (q(seg) >= 0) & (k(slots) <= q(slots)) & ((k(br) == 0) | (k(br) == q(br))))
+    if sliding_window is None:
+        return full, full
+    return full, full & ((q(positions_BxT) - k(positions_BxT)) < sliding_window)
+
+
+def packed_masks(packing: Packing, positions_BxT, sliding_window: int | None) -> tuple[LocalMask, LocalMask]:
+    """(global, sliding) `LocalMask`s of a packed batch."""
+    b, t = packing.segment_BxT.shape
+    chunk = packing.chunk
+    if t % chunk:
+        raise ValueError(f"a packed row of {t} tokens is not a multiple of the attention chunk ({chunk}); "
+                         "pad the rows to a multiple of it (data.packing does)")
+    blocks = -(-(packing.span - 1) // chunk) + 1
+    c = t // chunk
+    q = lambda x: x.reshape(b, c, chunk)[..., :, None]
+    k = lambda x, fill: _key_windows(x, blocks, chunk, fill)[:, :, None, :]
+    slots = jnp.broadcast_to(jnp.arange(t), (b, t))
+    seg_q, seg_k = q(packing.segment_BxT), k(packing.segment_BxT, -2)
+    br_q, br_k = q(packing.branch_BxT), k(packing.branch_BxT, 0)
+    full = ((seg_q == seg_k) & (seg_q >= 0) & (k(slots, t) <= q(slots))
+            & ((br_k == 0) | (br_k == br_q)))
+    sliding = full
+    if sliding_window is not None:
+        sliding = full & ((q(positions_BxT) - k(positions_BxT, 0)) < sliding_window)
+    return LocalMask(full, chunk, blocks), LocalMask(sliding, chunk, blocks)
+
+
+def _attend(q_BxTxKxGxH, k_BxSxKxH, v_BxSxKxH, mask_BxTxS, scale: float, softcap: float | None, dtype):
+    """Softmax attention of grouped queries over keys; masked keys get no weight."""
+    logits_BxKxGxTxS = jnp.einsum(
+        "BTKGH,BSKH->BKGTS", q_BxTxKxGxH, k_BxSxKxH.astype(q_BxTxKxGxH.dtype),
+        preferred_element_type=jnp.float32,
+    ) * scale
+    if softcap is not None:
+        logits_BxKxGxTxS = jnp.tanh(logits_BxKxGxTxS / softcap) * softcap
+    logits_BxKxGxTxS = jnp.where(mask_BxTxS[:, None, None], logits_BxKxGxTxS, _MASKED)
+    probs_BxKxGxTxS = jax.nn.softmax(logits_BxKxGxTxS, axis=-1).astype(dtype)
+    return jnp.einsum("BKGTS,BSKH->BTKGH", probs_BxKxGxTxS, v_BxSxKxH.astype(dtype))
+
+
 class Attention(nnx.Module):
     def __init__(self, cfg: ModelConfig, layer: int, *, dtype, rngs: nnx.Rngs):
         d, n, k, h = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -118,18 +213,27 @@ class Attention(nnx.Module):
         self.softcap = cfg.attn_logit_softcap
         self.inv_freq = tuple(float(f) for f in cfg.layer_rope(layer).inv_freq(h))
 
-    def __call__(self, x_BxTxD, positions_BxT, mask_BxTxS, kv_cache, end):
-        """Returns (y_BxTxD, (k_BxSxKxH, v_BxSxKxH)); with a cache, the new keys are written at `end`."""
+    def __call__(self, x_BxTxD, positions_BxT, mask_BxTxS, kv_cache, end, query_index_BxM=None):
+        """Returns (y_BxTxD, (k_BxSxKxH, v_BxSxKxH)); with a cache, the new keys are written at `end`.
+
+        With `query_index_BxM`, only those positions query (keys and values come from every
+        position; `mask_BxTxS` is then [B, M, S]) and y is [B, M, D].
+        """
         b, t, _ = x_BxTxD.shape
         n, k, h = self.num_heads, self.num_kv_heads, self.head_dim
-        q_BxTxNxH = self.q_proj(x_BxTxD).reshape(b, t, n, h)
+        xq_BxTxD, q_positions_BxT = x_BxTxD, positions_BxT
+        if query_index_BxM is not None:
+            xq_BxTxD = gather_rows(x_BxTxD, query_index_BxM)
+            q_positions_BxT = gather_rows(positions_BxT, query_index_BxM)
+        tq = xq_BxTxD.shape[1]
+        q_BxTxNxH = self.q_proj(xq_BxTxD).reshape(b, tq, n, h)
         k_BxTxKxH = self.k_proj(x_BxTxD).reshape(b, t, k, h)
         v_BxTxKxH = self.v_proj(x_BxTxD).reshape(b, t, k, h)
         if self.q_norm is not None:
             q_BxTxNxH = self.q_norm(q_BxTxNxH)
             k_BxTxKxH = self.k_norm(k_BxTxKxH)
         inv_freq = jnp.asarray(np.array(self.inv_freq, np.float32))
-        q_BxTxNxH = apply_rope(q_BxTxNxH, positions_BxT, inv_freq)
+        q_BxTxNxH = apply_rope(q_BxTxNxH, q_positions_BxT, inv_freq)
         k_BxTxKxH = apply_rope(k_BxTxKxH, positions_BxT, inv_freq)
 
         if kv_cache is None:
@@ -139,17 +243,20 @@ class Attention(nnx.Module):
             k_BxSxKxH = jax.lax.dynamic_update_slice(k_cache, k_BxTxKxH.astype(k_cache.dtype), (0, end, 0, 0))
             v_BxSxKxH = jax.lax.dynamic_update_slice(v_cache, v_BxTxKxH.astype(v_cache.dtype), (0, end, 0, 0))
 
-        q_BxTxKxGxH = q_BxTxNxH.reshape(b, t, k, n // k, h)
-        logits_BxKxGxTxS = jnp.einsum(
-            "BTKGH,BSKH->BKGTS", q_BxTxKxGxH, k_BxSxKxH.astype(q_BxTxKxGxH.dtype),
-            preferred_element_type=jnp.float32,
-        ) * self.scale
-        if self.softcap is not None:
-            logits_BxKxGxTxS = jnp.tanh(logits_BxKxGxTxS / self.softcap) * self.softcap
-        logits_BxKxGxTxS = jnp.where(mask_BxTxS[:, None, None], logits_BxKxGxTxS, _MASKED)
-        probs_BxKxGxTxS = jax.nn.softmax(logits_BxKxGxTxS, axis=-1).astype(x_BxTxD.dtype)
-        out_BxTxKxGxH = jnp.einsum("BKGTS,BSKH->BTKGH", probs_BxKxGxTxS, v_BxSxKxH.astype(x_BxTxD.dtype))
-        y_BxTxD = self.o_proj(out_BxTxKxGxH.reshape(b, t, n * h))
+        q_BxTxKxGxH = q_BxTxNxH.reshape(b, tq, k, n // k, h)
+        if isinstance(mask_BxTxS, LocalMask):  # packed rows: each query chunk against its window of keys
+            lm = mask_BxTxS
+            c, w = t // lm.chunk, lm.blocks * lm.chunk
+            fold = lambda x: x.reshape(b * c, *x.shape[2:])
+            out = _attend(fold(q_BxTxKxGxH.reshape(b, c, lm.chunk, k, n // k, h)),
+                          fold(_key_windows(k_BxSxKxH, lm.blocks, lm.chunk, 0)),
+                          fold(_key_windows(v_BxSxKxH, lm.blocks, lm.chunk, 0)),
+                          lm.mask_BxCxQxW.reshape(b * c, lm.chunk, w), self.scale, self.softcap, x_BxTxD.dtype)
+            out_BxTxKxGxH = out.reshape(b, t, k, n // k, h)
+        else:
+            out_BxTxKxGxH = _attend(q_BxTxKxGxH, k_BxSxKxH, v_BxSxKxH, mask_BxTxS, self.scale, self.softcap,
+                                    x_BxTxD.dtype)
+        y_BxTxD = self.o_proj(out_BxTxKxGxH.reshape(b, tq, n * h))
         return y_BxTxD, (k_BxSxKxH, v_BxSxKxH)
 
 
@@ -187,8 +294,11 @@ class Block(nnx.Module):
         self.post_mlp_norm = norm() if cfg.is_gemma else None
         self.sliding = cfg.layer_is_sliding(layer)
 
-    def __call__(self, x_BxTxD, positions_BxT, mask_BxTxS, kv_cache, end):
-        y_BxTxD, kv = self.attn(self.attn_norm(x_BxTxD), positions_BxT, mask_BxTxS, kv_cache, end)
+    def __call__(self, x_BxTxD, positions_BxT, mask_BxTxS, kv_cache, end, query_index_BxM=None):
+        """With `query_index_BxM`, the block's output only at those positions: [B, M, D]."""
+        y_BxTxD, kv = self.attn(self.attn_norm(x_BxTxD), positions_BxT, mask_BxTxS, kv_cache, end, query_index_BxM)
+        if query_index_BxM is not None:
+            x_BxTxD = gather_rows(x_BxTxD, query_index_BxM)
         if self.post_attn_norm is not None:
             y_BxTxD = self.post_attn_norm(y_BxTxD)
         x_BxTxD = x_BxTxD + y_BxTxD
@@ -239,10 +349,21 @@ class Transformer(nnx.Module):
         )
 
     # -- the forward pass -------------------------------------------------------------
-    def hidden(self, tokens_BxT, *, positions_BxT=None, input_mask_BxT=None, cache: KVCache | None = None):
-        """Final-norm hidden states [B, T, D] and the updated cache (None without one)."""
+    def hidden(self, tokens_BxT, *, positions_BxT=None, input_mask_BxT=None, cache: KVCache | None = None,
+               packing: Packing | None = None, read_BxM=None):
+        """Final-norm hidden states [B, T, D] and the updated cache (None without one).
+
+        With `packing` (no cache), rows hold several sequences: `positions_BxT` is required and
+        `packing` decides which tokens see which (see `Packing`). With `read_BxM` (no cache), only
+        the hidden states at those positions are returned, [B, M, D]: the last block computes its
+        queries and MLP there alone (a reward head reads one token per sequence).
+        """
         cfg = self.config
         b, t = tokens_BxT.shape
+        if packing is not None:
+            if cache is not None or positions_BxT is None:
+                raise ValueError("Transformer.hidden: packed rows need positions_BxT and no cache")
+            input_mask_BxT = packing.segment_BxT >= 0
         if input_mask_BxT is None:
             input_mask_BxT = jnp.ones((b, t), bool)
         input_mask_BxT = input_mask_BxT.astype(bool)
@@ -267,16 +388,29 @@ class Transformer(nnx.Module):
         if cfg.sliding_window is not None:
             window_TxS = (q_slots_T[:, None] - k_slots_S[None, :]) < cfg.sliding_window
             sliding_BxTxS = full_BxTxS & window_TxS[None]
+        if packing is not None:
+            full_BxTxS, sliding_BxTxS = packed_masks(packing, positions_BxT, cfg.sliding_window)
 
         x_BxTxD = self.embedding[...][tokens_BxT]
         if cfg.embed_scale is not None:
             x_BxTxD = x_BxTxD * jnp.asarray(cfg.embed_scale, self.dtype)
+        if read_BxM is not None and cache is not None:
+            raise ValueError("Transformer.hidden: read_BxM is for cache-less scoring")
         new_k, new_v = [], []
         for i, block in enumerate(self.layers):
             kv_cache = None if cache is None else (cache.k[i], cache.v[i])
             mask_BxTxS = sliding_BxTxS if block.sliding else full_BxTxS
             run = _checkpointed if self.remat else _call
-            x_BxTxD, (k, v) = run(block, x_BxTxD, positions_BxT, mask_BxTxS, kv_cache, end)
+            if read_BxM is not None and i == len(self.layers) - 1:
+                if packing is not None:
+                    full_BxMxS, sliding_BxMxS = packed_query_masks(packing, positions_BxT, read_BxM,
+                                                                   cfg.sliding_window)
+                    mask_BxMxS = sliding_BxMxS if block.sliding else full_BxMxS
+                else:
+                    mask_BxMxS = gather_rows(mask_BxTxS, read_BxM)
+                x_BxTxD, (k, v) = run(block, x_BxTxD, positions_BxT, mask_BxMxS, kv_cache, end, read_BxM)
+            else:
+                x_BxTxD, (k, v) = run(block, x_BxTxD, positions_BxT, mask_BxTxS, kv_cache, end)
             new_k.append(k)
             new_v.append(v)
         x_BxTxD = self.final_norm(x_BxTxD)
