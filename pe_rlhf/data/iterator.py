@@ -55,11 +55,16 @@ class BatchIterator:
     epoch is filled up to `batch_size` with copies of its first item; every batch
     carries `valid_B` (float32, 1 on real rows, 0 on filler). `num_epochs=None`
     repeats forever.
+
+    With `fits` (packed batches, `data.packing`), a batch is the longest run of at
+    most `batch_size` next items for which `fits(items)` holds; `collate` gets only
+    those (no filler, no `valid_B`: the packed batch marks its own slots), and an
+    epoch ends when every item of this host has been taken.
     """
 
     def __init__(self, items: Sequence, batch_size: int, collate: Callable[[list], dict], *, seed: int = 0,
                  shuffle: bool = True, num_epochs: int | None = None, drop_remainder: bool = True,
-                 process_index: int = 0, process_count: int = 1):
+                 process_index: int = 0, process_count: int = 1, fits: Callable[[list], bool] | None = None):
         if not len(items):
             raise ValueError("BatchIterator got no items")
         if batch_size < 1:
@@ -73,6 +78,7 @@ class BatchIterator:
         self.items, self.batch_size, self.collate = items, batch_size, collate
         self.seed, self.shuffle, self.num_epochs, self.drop_remainder = seed, shuffle, num_epochs, drop_remainder
         self.process_index, self.process_count = process_index, process_count
+        self.fits = fits
         self.per_host = per_host
         self.epoch, self.position = 0, 0
         self._order_epoch, self._order = None, None
@@ -84,7 +90,9 @@ class BatchIterator:
         return math.ceil(self.per_host / self.batch_size)
 
     def _epoch_end(self) -> int:
-        return self.steps_per_epoch * self.batch_size if self.drop_remainder else self.per_host
+        if self.fits is not None or not self.drop_remainder:
+            return self.per_host
+        return self.steps_per_epoch * self.batch_size
 
     def _current_order(self) -> np.ndarray:
         if self._order_epoch != self.epoch:
@@ -101,13 +109,25 @@ class BatchIterator:
             self.epoch, self.position = self.epoch + 1, 0
         if self.num_epochs is not None and self.epoch >= self.num_epochs:
             raise StopIteration
-        indices = self._current_order()[self.position:self.position + self.batch_size]
+        indices = self._current_order()[self.position:min(self.position + self.batch_size, self._epoch_end())]
+        if self.fits is not None:
+            return self._next_packed(indices)
         self.position += len(indices)
         rows = [self.items[i] for i in indices]
         filler = self.batch_size - len(rows)
         batch = dict(self.collate(rows + [rows[0]] * filler))
         batch["valid_B"] = np.asarray([1.0] * len(rows) + [0.0] * filler, np.float32)
         return batch
+
+    def _next_packed(self, indices) -> dict:
+        rows = [self.items[i] for i in indices]
+        while rows and not self.fits(rows):
+            rows.pop()
+        if not rows:
+            raise ValueError(f"item {int(indices[0])} alone does not fit in a packed batch; raise the packed "
+                             "row length (DataConfig.pack_length) to at least its prompt + responses")
+        self.position += len(rows)
+        return dict(self.collate(rows))
 
     def state(self) -> dict[str, int]:
         """Position to save in a checkpoint (identical on every host)."""

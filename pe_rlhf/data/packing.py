@@ -1,0 +1,131 @@
+"""Reward-model batches packed to their real length: a pair's prompt computed once.
+
+A padded pair batch holds `prompt + chosen` and `prompt + rejected` in two rows of
+`seq_len` slots each, so the prompt goes through the model twice and short pairs
+carry padding. A packed batch lays each item out once as `[prompt | response 1 |
+response 2 ...]` and places items one after another in `rows` rows of `length`
+slots (first fit). `Transformer.hidden(..., packing=Packing(...))` keeps the
+items apart and lets each response see only the prompt and itself, with
+positions that restart after the prompt, so every score equals the padded one.
+On Anthropic HH (Gemma tokenizer, 192 + 64 tokens) a pair averages 167 packed
+tokens instead of 512 padded slots.
+
+Keys (R rows, N = length, P = items per row, K responses per item):
+- `tokens_RxN`, `positions_RxN`, `segment_RxN` (the item's slot in its row, -1 on
+  padding), `branch_RxN` (0 prompt, k for response k);
+- `read_RxPxK`: the column of each response's last token (where its score is read);
+- `valid_RxP`: 1 where a slot holds an item; `margin_RxP` (pairs) or `label_RxP`.
+How many items a batch takes depends on their lengths (`fits` tells the iterator).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import numpy as np
+
+from pe_rlhf.data.tokenize import TokenizedLabeled, TokenizedPair
+
+CHUNK = 64  # Packing.chunk: rows are a multiple of it
+
+
+@dataclasses.dataclass(frozen=True)
+class PackOptions:
+    """`rows` rows of `length` tokens per batch, at most `items_per_row` items in a row."""
+
+    rows: int
+    length: int
+    items_per_row: int
+
+    def __post_init__(self):
+        if self.rows < 1 or self.items_per_row < 1:
+            raise ValueError(f"PackOptions: rows and items_per_row must be >= 1, got {self}")
+        if self.length < CHUNK or self.length % CHUNK:
+            raise ValueError(f"PackOptions.length={self.length} must be a positive multiple of {CHUNK} "
+                             "(the attention chunk of packed rows)")
+
+
+def pieces(item) -> tuple[Sequence[int], tuple[Sequence[int], ...]]:
+    """(prompt, responses) of a tokenised pair or labelled example."""
+    if isinstance(item, TokenizedPair):
+        return item.prompt, (item.chosen, item.rejected)
+    if isinstance(item, TokenizedLabeled):
+        return item.prompt, (item.response,)
+    raise TypeError(f"cannot pack a {type(item).__name__}; packing takes TokenizedPair or TokenizedLabeled")
+
+
+def packed_length(item) -> int:
+    prompt, responses = pieces(item)
+    return len(prompt) + sum(len(r) for r in responses)
+
+
+def first_fit(lengths: Sequence[int], options: PackOptions) -> list[int] | None:
+    """The row of each item, in order, each in the first row with room; None if they do not all fit."""
+    used, counts, rows = [0] * options.rows, [0] * options.rows, []
+    for n in lengths:
+        for r in range(options.rows):
+            if used[r] + n <= options.length and counts[r] < options.items_per_row:
+                used[r] += n
+                counts[r] += 1
+                rows.append(r)
+                break
+        else:
+            return None
+    return rows
+
+
+def fits(items: Sequence, options: PackOptions) -> bool:
+    return first_fit([packed_length(i) for i in items], options) is not None
+
+
+def pack(items: Sequence, options: PackOptions, *, pad_id: int = 0) -> dict[str, np.ndarray]:
+    """Items (all pairs or all labelled examples) -> one packed batch (see the module docstring)."""
+    if not items:
+        raise ValueError("cannot pack zero items")
+    lengths = [packed_length(i) for i in items]
+    rows_of = first_fit(lengths, options)
+    if rows_of is None:
+        longest = max(lengths)
+        raise ValueError(f"{len(items)} items of {sum(lengths)} tokens (longest {longest}) do not fit in "
+                         f"{options.rows} rows of {options.length} tokens, {options.items_per_row} items a row; "
+                         "PackOptions.length must be at least the longest item (prompt + responses)")
+    R, N, P = options.rows, options.length, options.items_per_row
+    K = len(pieces(items[0])[1])
+    tokens = np.full((R, N), pad_id, np.int32)
+    positions = np.zeros((R, N), np.int32)
+    segment = np.full((R, N), -1, np.int32)
+    branch = np.zeros((R, N), np.int32)
+    read = np.zeros((R, P, K), np.int32)
+    valid = np.zeros((R, P), np.float32)
+    value = np.zeros((R, P), np.float32)
+    fill, count = [0] * R, [0] * R
+    for item, r in zip(items, rows_of):
+        prompt, responses = pieces(item)
+        if len(responses) != K:
+            raise ValueError("a packed batch mixes items with different numbers of responses")
+        p, start = count[r], fill[r]
+        tokens[r, start:start + len(prompt)] = prompt
+        positions[r, start:start + len(prompt)] = np.arange(len(prompt))
+        segment[r, start:start + len(prompt)] = p
+        col = start + len(prompt)
+        for k, response in enumerate(responses):
+            n = len(response)
+            tokens[r, col:col + n] = response
+            positions[r, col:col + n] = len(prompt) + np.arange(n)
+            segment[r, col:col + n] = p
+            branch[r, col:col + n] = k + 1
+            read[r, p, k] = col + n - 1 if n else start + len(prompt) - 1  # an empty response reads the prompt
+            col += n
+        valid[r, p] = 1.0
+        value[r, p] = item.margin if isinstance(item, TokenizedPair) else item.label
+        fill[r], count[r] = col, p + 1
+    batch = {"tokens_RxN": tokens, "positions_RxN": positions, "segment_RxN": segment, "branch_RxN": branch,
+             "read_RxPxK": read, "valid_RxP": valid}
+    batch["margin_RxP" if K == 2 else "label_RxP"] = value
+    return batch
+
+
+def span(max_prompt_len: int, max_response_len: int, responses: int) -> int:
+    """The longest packed item a config allows: the attention window of its packed rows."""
+    return max_prompt_len + responses * max_response_len
