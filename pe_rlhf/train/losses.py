@@ -6,35 +6,44 @@ import jax
 import jax.numpy as jnp
 
 
-def bradley_terry_loss(r_chosen_B, r_rejected_B, margin_B=None, *, center_coef: float = 0.0):
+def _mean(x_B, weights_B=None):
+    """Mean, or weighted mean over the examples with weight (packed batches: their valid slots)."""
+    if weights_B is None:
+        return jnp.mean(x_B)
+    return jnp.sum(x_B * weights_B) / jnp.maximum(jnp.sum(weights_B), 1.0)
+
+
+def bradley_terry_loss(r_chosen_B, r_rejected_B, margin_B=None, *, center_coef: float = 0.0, weights_B=None):
     """-log σ(r_c − r_r − margin), mean over pairs, plus center_coef · mean((r_c + r_r)²).
 
     The centring term (Eisenstein et al., 2023, "Helping or herding?") keeps rewards near zero
-    without changing which response is preferred. Returns (loss, metrics).
+    without changing which response is preferred. `weights_B` (0/1) leaves empty slots out of
+    every mean. Returns (loss, metrics).
     """
     margin_B = jnp.zeros_like(r_chosen_B) if margin_B is None else margin_B
     diff_B = r_chosen_B - r_rejected_B - margin_B
-    nll = -jnp.mean(jax.nn.log_sigmoid(diff_B))
-    centring = jnp.mean(jnp.square(r_chosen_B + r_rejected_B))
+    nll = -_mean(jax.nn.log_sigmoid(diff_B), weights_B)
+    centring = _mean(jnp.square(r_chosen_B + r_rejected_B), weights_B)
     loss = nll + center_coef * centring
     metrics = {
         "loss": loss,
         "bt_nll": nll,
-        "accuracy": jnp.mean((r_chosen_B > r_rejected_B).astype(jnp.float32)),
-        "reward_margin": jnp.mean(r_chosen_B - r_rejected_B),
-        "reward_mean": jnp.mean(0.5 * (r_chosen_B + r_rejected_B)),
+        "accuracy": _mean((r_chosen_B > r_rejected_B).astype(jnp.float32), weights_B),
+        "reward_margin": _mean(r_chosen_B - r_rejected_B, weights_B),
+        "reward_mean": _mean(0.5 * (r_chosen_B + r_rejected_B), weights_B),
     }
     return loss, metrics
 
 
-def binary_cross_entropy_loss(logits_B, labels_B):
+def binary_cross_entropy_loss(logits_B, labels_B, *, weights_B=None):
     """Sigmoid cross-entropy for 0/1 labels (Taskmaster good/bad generations). Returns (loss, metrics)."""
     labels_B = labels_B.astype(jnp.float32)
-    loss = -jnp.mean(labels_B * jax.nn.log_sigmoid(logits_B) + (1 - labels_B) * jax.nn.log_sigmoid(-logits_B))
+    loss = -_mean(labels_B * jax.nn.log_sigmoid(logits_B) + (1 - labels_B) * jax.nn.log_sigmoid(-logits_B),
+                  weights_B)
     metrics = {
         "loss": loss,
-        "accuracy": jnp.mean(((logits_B > 0) == (labels_B > 0.5)).astype(jnp.float32)),
-        "reward_mean": jnp.mean(logits_B),
+        "accuracy": _mean(((logits_B > 0) == (labels_B > 0.5)).astype(jnp.float32), weights_B),
+        "reward_mean": _mean(logits_B, weights_B),
     }
     return loss, metrics
 

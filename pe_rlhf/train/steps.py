@@ -34,6 +34,20 @@ def classification_reward_loss(model, batch):
     return losses.binary_cross_entropy_loss(model(batch["tokens_BxT"], batch["mask_BxT"]), batch["label_B"])
 
 
+def packed_pairwise_reward_loss(model, batch, *, span: int, center_coef: float = 0.0):
+    """Bradley-Terry over a packed batch (`data.packing`): each pair's prompt computed once."""
+    r_RxPx2 = model.score_packed(batch, span)
+    return losses.bradley_terry_loss(r_RxPx2[..., 0].ravel(), r_RxPx2[..., 1].ravel(), batch["margin_RxP"].ravel(),
+                                     center_coef=center_coef, weights_B=batch["valid_RxP"].ravel())
+
+
+def packed_classification_reward_loss(model, batch, *, span: int):
+    """Binary cross-entropy over a packed batch of labelled responses."""
+    r_RxP = model.score_packed(batch, span)[..., 0]
+    return losses.binary_cross_entropy_loss(r_RxP.ravel(), batch["label_RxP"].ravel(),
+                                            weights_B=batch["valid_RxP"].ravel())
+
+
 def sft_loss(model, batch):
     """Next-token cross-entropy on response tokens of a Transformer."""
     logits_BxTxV = model(batch["tokens_BxT"], input_mask_BxT=batch["mask_BxT"].astype(bool))

@@ -75,6 +75,11 @@ class DataConfig:
     eval_size: float | int = 0.1
     split_seed: int = 0
     eos_id: int | None = None
+    # Reward models only: pack items to their real length in `pack_rows` rows of `pack_length` tokens
+    # (a multiple of 64), each pair's prompt computed once (`pe_rlhf.data.packing`). A batch then holds
+    # up to LoopConfig.batch_size items, as many as fit. None: one padded row per sequence.
+    pack_length: int | None = None
+    pack_rows: int = 1
 
 
 # -- the backbone -------------------------------------------------------------------------------
@@ -156,7 +161,7 @@ def fit(module: nnx.Module, *, filter_, loss_fn: Callable, train_iter: D.BatchIt
     for step in range(start + 1, loop.num_steps + 1):
         batch = next(train_iter)
         trainable, opt_state, metrics = stepper(trainable, opt_state, frozen, batch)
-        examples += loop.batch_size
+        examples += int(np.sum(batch["valid_RxP"])) if "valid_RxP" in batch else loop.batch_size
         if step % loop.log_every == 0 or step == loop.num_steps:
             metrics = jax.device_get(metrics)
             now = time.perf_counter()
@@ -193,10 +198,37 @@ def _progress(loop: LoopConfig, start: int):
     return tqdm(total=loop.num_steps, initial=start, desc="train", dynamic_ncols=True)
 
 
-def _eval_batches(items: Sequence, loop: LoopConfig, collate) -> D.BatchIterator:
+def _eval_batches(items: Sequence, loop: LoopConfig, collate, fits=None) -> D.BatchIterator:
     items = list(items)[: loop.max_eval_examples] if loop.max_eval_examples else list(items)
     return D.BatchIterator(items, min(loop.eval_batch_size, len(items)), collate, shuffle=False,
-                           num_epochs=1, drop_remainder=False)
+                           num_epochs=1, drop_remainder=False, fits=fits)
+
+
+def _packed(data: DataConfig, loop: LoopConfig, pairwise: bool, pad_id: int, center_coef: float):
+    """(batching, loss_fn, span) of packed reward-model batches (`pe_rlhf.data.packing`)."""
+    from pe_rlhf.data import packing
+
+    batch_sizes = {"LoopConfig.batch_size": loop.batch_size, "LoopConfig.eval_batch_size": loop.eval_batch_size}
+    for name, size in batch_sizes.items():
+        if size % data.pack_rows:
+            raise ValueError(f"{name}={size} must be a multiple of DataConfig.pack_rows={data.pack_rows}: "
+                             "each packed row holds an equal share of a batch's items")
+    span = packing.span(data.max_prompt_len, data.max_response_len, 2 if pairwise else 1)
+    if data.pack_length < span:
+        raise ValueError(f"DataConfig.pack_length={data.pack_length} is shorter than the longest item the "
+                         f"config allows ({span} tokens = max_prompt_len + {2 if pairwise else 1} x "
+                         "max_response_len); raise it")
+    def batching(size):  # (collate, fits) of batches of up to `size` items: one shape for each size
+        options = packing.PackOptions(rows=data.pack_rows, length=data.pack_length,
+                                      items_per_row=size // data.pack_rows)
+        return (functools.partial(packing.pack, options=options, pad_id=pad_id),
+                functools.partial(packing.fits, options=options))
+
+    if pairwise:
+        loss_fn = functools.partial(steps.packed_pairwise_reward_loss, span=span, center_coef=center_coef)
+    else:
+        loss_fn = functools.partial(steps.packed_classification_reward_loss, span=span)
+    return batching, loss_fn, span
 
 
 def _split(examples, data: DataConfig, group=None):
@@ -240,7 +272,26 @@ def _score(graphdef, trainable, frozen, tokens_BxT, mask_BxT):
     return nnx.merge(graphdef, trainable, frozen)(tokens_BxT, mask_BxT)
 
 
-def score_pairs(graphdef, trainable, frozen, batches) -> tuple[np.ndarray, np.ndarray]:
+@functools.partial(jax.jit, static_argnums=(0, 4))
+def _score_packed(graphdef, trainable, frozen, batch, span):
+    return nnx.merge(graphdef, trainable, frozen).score_packed(batch, span)
+
+
+def _packed_scores(graphdef, trainable, frozen, batches, span: int) -> list[tuple[np.ndarray, dict]]:
+    """(scores [n, K], batch) of each packed batch's valid slots."""
+    out = []
+    for b in batches:
+        keep = b["valid_RxP"] > 0
+        arrays = {k: v for k, v in b.items() if k != "valid_RxP"}
+        out.append((np.asarray(_score_packed(graphdef, trainable, frozen, arrays, span))[keep], b, keep))
+    return out
+
+
+def score_pairs(graphdef, trainable, frozen, batches, span: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Chosen and rejected scores of every real pair (padded batches, or packed ones with `span`)."""
+    if span is not None:
+        scored = _packed_scores(graphdef, trainable, frozen, batches, span)
+        return np.concatenate([s[:, 0] for s, _, _ in scored]), np.concatenate([s[:, 1] for s, _, _ in scored])
     chosen, rejected = [], []
     for b in batches:
         keep = b["valid_B"] > 0
@@ -250,7 +301,12 @@ def score_pairs(graphdef, trainable, frozen, batches) -> tuple[np.ndarray, np.nd
     return np.concatenate(chosen), np.concatenate(rejected)
 
 
-def score_labeled(graphdef, trainable, frozen, batches) -> tuple[np.ndarray, np.ndarray]:
+def score_labeled(graphdef, trainable, frozen, batches, span: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Scores and labels of every real example (padded batches, or packed ones with `span`)."""
+    if span is not None:
+        scored = _packed_scores(graphdef, trainable, frozen, batches, span)
+        return (np.concatenate([s[:, 0] for s, _, _ in scored]),
+                np.concatenate([b["label_RxP"][keep] for _, b, keep in scored]))
     scores, labels = [], []
     for b in batches:
         keep = b["valid_B"] > 0
@@ -295,21 +351,26 @@ def train_reward_model(*, workdir: str, dataset: D.Loaded, model: str = "tiny", 
         train_items, eval_items = _split(tokenized, data, group=lambda e: e.prompt)
         loss_fn = steps.classification_reward_loss
     print(f"data {dataset.source}: {stats.summary()}; train {len(train_items)}, eval {len(eval_items)}")
+    span, fits, eval_collate, eval_fits = None, None, collate, None
+    if data.pack_length is not None:
+        batching, loss_fn, span = _packed(data, loop, pairwise, pad, center_coef)
+        (collate, fits), (eval_collate, eval_fits) = batching(loop.batch_size), batching(loop.eval_batch_size)
 
     train_iter = D.BatchIterator(train_items, loop.batch_size, collate, seed=loop.seed,
-                                 process_index=jax.process_index(), process_count=jax.process_count())
+                                 process_index=jax.process_index(), process_count=jax.process_count(), fits=fits)
 
     def evaluate(graphdef, trainable, frozen):
-        batches = _eval_batches(eval_items, loop, collate)
+        batches = _eval_batches(eval_items, loop, eval_collate, eval_fits)
         if pairwise:
-            return M.pairwise_metrics(*score_pairs(graphdef, trainable, frozen, batches))
-        return M.classification_metrics(*score_labeled(graphdef, trainable, frozen, batches))
+            return M.pairwise_metrics(*score_pairs(graphdef, trainable, frozen, batches, span))
+        return M.classification_metrics(*score_labeled(graphdef, trainable, frozen, batches, span))
 
     run_info = {"stage": "reward_model", "kind": "pairwise" if pairwise else "classification", "model": model,
                 "dtype": dtype, "tuning": tuning.mode, "adapter": adapter,
                 "lora": dataclasses.asdict(tuning.lora) if tuning.mode == "lora" else None,
                 "data_stats": dataclasses.asdict(stats), "train_examples": len(train_items),
-                "eval_examples": len(eval_items), "skipped_identical": dataset.skipped_identical}
+                "eval_examples": len(eval_items), "skipped_identical": dataset.skipped_identical,
+                "packing": {"length": data.pack_length, "rows": data.pack_rows, "span": span} if span else None}
     return fit(rm, filter_=trainable_filter(tuning, adapter), loss_fn=loss_fn, train_iter=train_iter,
                evaluate=evaluate, optimizer=optimizer, loop=loop, workdir=workdir, run_info=run_info)
 

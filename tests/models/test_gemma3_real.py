@@ -110,3 +110,24 @@ def test_greedy_continuation_matches_generate(ours, reference, prompt_ids):
         assert n >= 10, (n, generated)  # long enough to be a real test of the decode loop
         assert np.asarray(out.tokens_BxN[b, :n]).tolist() == generated
         assert np.asarray(out.mask_BxN[b]).tolist() == [True] * n + [False] * (20 - n)
+
+
+def test_packed_pairs_score_like_padded_ones(ours, shared_data):
+    """Real HH pairs, packed `[prompt | chosen | rejected]` with the prompt once, score as padded rows do."""
+    from pe_rlhf import data as D
+    from pe_rlhf.data import packing as PK
+    from pe_rlhf.data.named import named_dataset
+    from pe_rlhf.models.heads import RewardModel
+
+    model, tokenizer = ours
+    rm = RewardModel(model)
+    rm.head.kernel[...] = jnp.asarray(np.random.default_rng(0).normal(size=rm.head.kernel.shape) / 30, jnp.float32)
+    examples = list(named_dataset("hh_harmless").examples[:3])
+    pairs, _ = D.tokenize_preferences(examples, tokenizer, D.TokenizeOptions(max_prompt_len=96, max_response_len=32))
+    packed = rm.score_packed(jax.tree.map(jnp.asarray, PK.pack(pairs, PK.PackOptions(1, 512, 3))), PK.span(96, 32, 2))
+    padded = D.batch_preferences(pairs, seq_len=128)
+    chosen = rm(jnp.asarray(padded["chosen_tokens_BxT"]), jnp.asarray(padded["chosen_mask_BxT"]))
+    rejected = rm(jnp.asarray(padded["rejected_tokens_BxT"]), jnp.asarray(padded["rejected_mask_BxT"]))
+    np.testing.assert_allclose(packed[0, :, 0], chosen, atol=2e-4, rtol=1e-4)
+    np.testing.assert_allclose(packed[0, :, 1], rejected, atol=2e-4, rtol=1e-4)
+    assert np.abs(np.asarray(chosen) - np.asarray(rejected)).max() > 1e-3
