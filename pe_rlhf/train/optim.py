@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax
 import optax
 
 
@@ -22,6 +23,9 @@ class OptimizerConfig:
     b2: float = 0.999
     eps: float = 1e-8
     grad_accum_steps: int = 1
+    # The scalar reward head's own peak learning rate (same schedule shape). A fully tuned reward model
+    # trains its backbone at ~1e-5, far too slow for a zero-initialised head; None: `learning_rate`.
+    head_learning_rate: float | None = None
 
     def __post_init__(self):
         if self.schedule not in ("cosine", "linear", "constant"):
@@ -45,16 +49,31 @@ def learning_rate_schedule(cfg: OptimizerConfig) -> optax.Schedule:
     return optax.join_schedules([warmup, decay], [cfg.warmup_steps])
 
 
+def _is_head(path) -> bool:
+    return any(getattr(k, "key", getattr(k, "name", None)) == "head" for k in path)
+
+
+def head_labels(params):
+    """'head' for the reward head's parameters (any path through a `head` attribute), else 'body'."""
+    return jax.tree_util.tree_map_with_path(lambda path, _: "head" if _is_head(path) else "body", params)
+
+
 def make_optimizer(cfg: OptimizerConfig) -> optax.GradientTransformation:
     """Clip, then AdamW on the schedule; wrapped in MultiSteps when accumulating gradients.
 
-    The schedule counts optimizer updates (not micro-batches).
+    The schedule counts optimizer updates (not micro-batches). With `head_learning_rate`, the
+    reward head gets its own AdamW at that peak rate (clipping stays global).
     """
     parts = []
     if cfg.max_grad_norm is not None:
         parts.append(optax.clip_by_global_norm(cfg.max_grad_norm))
-    parts.append(optax.adamw(learning_rate_schedule(cfg), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
-                             weight_decay=cfg.weight_decay))
+    adamw = lambda c: optax.adamw(learning_rate_schedule(c), b1=c.b1, b2=c.b2, eps=c.eps,
+                                  weight_decay=c.weight_decay)
+    if cfg.head_learning_rate is None:
+        parts.append(adamw(cfg))
+    else:
+        head = dataclasses.replace(cfg, learning_rate=cfg.head_learning_rate, head_learning_rate=None)
+        parts.append(optax.multi_transform({"body": adamw(cfg), "head": adamw(head)}, head_labels))
     tx = optax.chain(*parts)
     if cfg.grad_accum_steps > 1:
         tx = optax.MultiSteps(tx, every_k_schedule=cfg.grad_accum_steps).gradient_transformation()

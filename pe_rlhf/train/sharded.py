@@ -78,6 +78,8 @@ def opt_state_shardings(opt_state: Any, mesh: Mesh, rules: Rules = DEFAULT_RULES
 
     def place(path, leaf):
         where = f"optimizer state{jax.tree_util.keystr(path)}"
+        if _is_variable(leaf) and isinstance(leaf.get_value(), optax.MaskedNode):
+            return leaf  # a parameter another branch of optax.multi_transform owns: no array here
         if _is_variable(leaf):
             axes = leaf.get_metadata().get("logical_axes")
             shape = _shape(leaf)
