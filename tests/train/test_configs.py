@@ -79,8 +79,9 @@ def test_real_reward_model_configs(registered, dataset):
     _, full_cfg = parse(full_path)
     assert full_cfg["TuningConfig"].mode == "full"
     assert 1e-5 <= full_cfg["OptimizerConfig"].learning_rate <= 3e-5
-    # The pair differs in what trains and the learning rate only.
-    tuning_only = ("TuningConfig.", "LoRAConfig.", "OptimizerConfig.learning_rate")
+    # The pair differs in what trains and the learning rates only (full tuning gives the head its own).
+    tuning_only = ("TuningConfig.", "LoRAConfig.", "OptimizerConfig.learning_rate",
+                   "OptimizerConfig.head_learning_rate")
     same = lambda path: {b for b in bindings(path) if not b.startswith(tuning_only)}
     assert same(lora_path) == same(full_path)
 
