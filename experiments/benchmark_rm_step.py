@@ -4,7 +4,10 @@
 
 Each mode runs in its own subprocess so the process peak RSS is that mode's alone.
 A mode builds the real model (fp32), tokenises the first `--pairs` HH-harmless pairs
-to exactly `--seq_len` tokens (prompt 3/4, response 1/4 of the budget, padded), and
+to at most `--seq_len` tokens (prompt 3/4, response 1/4 of the budget), lays them out
+(`--layouts`: `padded`, chosen and rejected each padded to `--seq_len` in 2 x pairs rows;
+`packed`, `[prompt | chosen | rejected]` per pair with the prompt once, all pairs in one
+row of the next multiple of 64 tokens, as `DataConfig.pack_length` trains) and
 jits the same donated step that `train_reward_model` runs (`train.sharded.sharded_train_step`). It reports:
 - the median wall time of `--iters` steps after one untimed compiling call
   (`profiling.time_step`; the step state is carried from call to call, as in training);
@@ -37,20 +40,31 @@ def _peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
-def _batch(tokenizer, pairs: int, seq_len: int) -> dict:
-    """The first `pairs` HH-harmless pairs, tokenised and padded to `seq_len`."""
+def _batch(tokenizer, pairs: int, seq_len: int, layout: str):
+    """(batch, loss_fn, real tokens) of the first `pairs` HH-harmless pairs in `layout`."""
+    import functools
+
     from pe_rlhf import data as D
+    from pe_rlhf.data import packing
     from pe_rlhf.data.named import named_dataset
+    from pe_rlhf.train import steps
 
     prompt_len = seq_len * 3 // 4
     options = D.TokenizeOptions(max_prompt_len=prompt_len, max_response_len=seq_len - prompt_len)
     examples = list(named_dataset("hh_harmless").examples[: pairs * 2])
-    tokenized, _ = D.tokenize_preferences(examples, tokenizer, options)
+    tokenized = D.tokenize_preferences(examples, tokenizer, options)[0][:pairs]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    return D.batch_preferences(tokenized[:pairs], seq_len=seq_len, pad_id=pad)
+    if layout == "padded":
+        real = sum(2 * len(p.prompt) + len(p.chosen) + len(p.rejected) for p in tokenized)
+        return D.batch_preferences(tokenized, seq_len=seq_len, pad_id=pad), steps.pairwise_reward_loss, real
+    real = sum(packing.packed_length(p) for p in tokenized)
+    length = -(-real // packing.CHUNK) * packing.CHUNK
+    batch = packing.pack(tokenized, packing.PackOptions(rows=1, length=length, items_per_row=pairs), pad_id=pad)
+    span = packing.span(prompt_len, seq_len - prompt_len, 2)
+    return batch, functools.partial(steps.packed_pairwise_reward_loss, span=span), real
 
 
-def measure(mode: str, *, model: str, pairs: int, seq_len: int, iters: int, rank: int) -> dict:
+def measure(mode: str, layout: str, *, model: str, pairs: int, seq_len: int, iters: int, rank: int) -> dict:
     """One mode, in this process: compile, memory analysis, timing, RSS."""
     import jax
     from flax import nnx
@@ -71,13 +85,14 @@ def measure(mode: str, *, model: str, pairs: int, seq_len: int, iters: int, rank
     load_s = time.perf_counter() - t0
     rss_after_load = _peak_rss_bytes()
 
-    batch = jax.device_put(_batch(tokenizer, pairs, seq_len))
+    batch, loss_fn, real_tokens = _batch(tokenizer, pairs, seq_len, layout)
+    batch = jax.device_put(batch)
     graphdef, trainable, frozen = nnx.split(rm, trainable_filter(tuning, "reward"), ...)
     del rm, backbone
     tx = make_optimizer(OptimizerConfig(learning_rate=1e-4, total_steps=1000))
     t0 = time.perf_counter()
     # the donated training step, built exactly as train_reward_model builds it (one device)
-    stepper = sharded_train_step(None, graphdef=graphdef, tx=tx, loss_fn=steps.pairwise_reward_loss,
+    stepper = sharded_train_step(None, graphdef=graphdef, tx=tx, loss_fn=loss_fn,
                                  trainable=trainable, opt_state=jax.eval_shape(tx.init, trainable), frozen=frozen,
                                  batch=batch)
     compiled = stepper.compiled
@@ -97,7 +112,10 @@ def measure(mode: str, *, model: str, pairs: int, seq_len: int, iters: int, rank
     timing = time_step(step, (), warmup=1, iters=iters)
     count = lambda tree: int(sum(x.size for x in jax.tree.leaves(tree)))
     return {
-        "mode": mode, "model": model, "pairs": pairs, "seq_len": seq_len, "lora_rank": rank if mode == "lora" else None,
+        "mode": mode, "layout": layout, "real_tokens": real_tokens,
+        "token_slots": int(sum(x.size for k, x in batch.items() if k.endswith(("tokens_BxT", "tokens_RxN")))),
+        "step_tflop": compiled.cost_analysis().get("flops", float("nan")) / 1e12,
+        "model": model, "pairs": pairs, "seq_len": seq_len, "lora_rank": rank if mode == "lora" else None,
         "trainable_params": count(state["trainable"]), "frozen_params": count(frozen),
         "median_step_s": timing.median_s, "step_s": list(timing.all_s), "compile_s": compile_s, "load_s": load_s,
         "compiled_memory": memory.as_dict(), "peak_rss_bytes": _peak_rss_bytes(),
@@ -109,10 +127,11 @@ def measure(mode: str, *, model: str, pairs: int, seq_len: int, iters: int, rank
 def table(results: list[dict]) -> str:
     from pe_rlhf.profiling.memory import format_bytes
 
-    lines = ["| mode | trainable params | median step (s) | all steps (s) | TRL (s) | compiled peak | peak RSS |",
-             "|---|---:|---:|---|---:|---:|---:|"]
+    lines = ["| mode | layout | token slots (real) | XLA TFLOP | trainable params | median step (s) | all steps (s) "
+             "| TRL (s) | compiled peak | peak RSS |", "|---|---|---|---:|---:|---:|---|---:|---:|---:|"]
     for r in results:
-        lines.append(f"| {r['mode']} | {r['trainable_params']:,} | {r['median_step_s']:.2f} | "
+        lines.append(f"| {r['mode']} | {r['layout']} | {r['token_slots']} ({r['real_tokens']}) | "
+                     f"{r['step_tflop']:.3f} | {r['trainable_params']:,} | {r['median_step_s']:.2f} | "
                      f"{', '.join(f'{t:.2f}' for t in r['step_s'])} | {TRL_S.get(r['mode'], float('nan'))} | "
                      f"{format_bytes(r['compiled_memory']['peak_bytes'])} | {format_bytes(r['peak_rss_bytes'])} |")
     return "\n".join(lines)
@@ -121,6 +140,7 @@ def table(results: list[dict]) -> str:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--modes", nargs="+", default=["lora", "full"], choices=["lora", "full"])
+    p.add_argument("--layouts", nargs="+", default=["packed", "padded"], choices=["packed", "padded"])
     p.add_argument("--model", default="gemma3-270m", help="load_backbone source ('tiny' for a quick check)")
     p.add_argument("--pairs", type=int, default=4)
     p.add_argument("--seq_len", type=int, default=256)
@@ -136,27 +156,32 @@ def main(argv=None):
     common = dict(model=args.model, pairs=args.pairs, seq_len=args.seq_len, iters=args.iters, rank=args.rank)
     if args.child_out:  # one mode, in the subprocess the parent started
         with open(args.child_out, "w") as f:
-            json.dump(measure(args.modes[0], **common), f)
+            json.dump(measure(args.modes[0], args.layouts[0], **common), f)
         return None
     results = []
-    for mode in args.modes:
+    for mode, layout in [(m, lay) for lay in args.layouts for m in args.modes]:
         with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as tmp:
             child_out = tmp.name
-        cmd = [sys.executable, os.path.abspath(__file__), "--modes", mode, "--model", args.model, "--pairs",
+        cmd = [sys.executable, os.path.abspath(__file__), "--modes", mode, "--layouts", layout, "--model", args.model, "--pairs",
                str(args.pairs), "--seq_len", str(args.seq_len), "--iters", str(args.iters), "--rank", str(args.rank),
                "--child_out", child_out]
         proc = subprocess.run(cmd)
         if proc.returncode != 0:
-            raise SystemExit(f"benchmark of mode {mode!r} failed (exit {proc.returncode}); command: {' '.join(cmd)}")
+            raise SystemExit(f"benchmark of mode {mode!r}, layout {layout!r} failed (exit {proc.returncode}); command: {' '.join(cmd)}")
         with open(child_out) as f:
             results.append(json.load(f))
         os.unlink(child_out)
     print(f"\nBradley-Terry step, {args.model}, fp32, {args.pairs} pairs x {args.seq_len} tokens:\n")
     print(table(results))
-    lora = [r for r in results if r["mode"] == "lora"]
-    if lora and args.model == "gemma3-270m":
-        ok = lora[0]["median_step_s"] <= TARGET_LORA_S
-        print(f"\nLoRA target <= {TARGET_LORA_S} s: {'met' if ok else 'MISSED'} ({lora[0]['median_step_s']:.2f} s)")
+    for r in results:
+        if r["mode"] == "lora" and args.model == "gemma3-270m":
+            ok = r["median_step_s"] <= TARGET_LORA_S
+            print(f"LoRA ({r['layout']}) target <= {TARGET_LORA_S} s: {'met' if ok else 'MISSED'} "
+                  f"({r['median_step_s']:.2f} s)")
+    by = {(r["mode"], r["layout"]): r["median_step_s"] for r in results}
+    for layout in args.layouts:
+        if ("lora", layout) in by and ("full", layout) in by:
+            print(f"full / LoRA step time ({layout}): {by[('full', layout)] / by[('lora', layout)]:.2f}x")
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         with open(args.out, "w") as f:
