@@ -2,17 +2,22 @@
 
     # ahead of time for a TPU slice (memory only; needs the libtpu wheel, no TPU)
     python experiments/benchmark.py --topology v5e:2x2 --presets gemma3-270m gemma3-1b \
-        --tunings full lora1 lora4 lora8 lora16 lora32 --stages rm reinforce remax ppo --out results/v5e
+        --tunings full lora1 lora4 lora8 lora16 lora32 --stages rm reinforce remax ppo --remat --out results/v5e
     # on this machine's devices (CPU: compiled memory, and step time with --time-iters)
     python experiments/benchmark.py --local --presets gemma3-270m --rm-pairs 4 --rm-len 256 --time-iters 3 ...
     # a tiny grid for tests: every preset becomes a tiny model of its family
     python experiments/benchmark.py --local --preset-override tiny ...
+    # the report (JSON, table, plots) of whatever part of a grid is already in results/v5e, compiling nothing
+    python experiments/benchmark.py --topology v5e:2x2 --remat --frozen-dtype float32 bfloat16 --no-compile ...
 
-The grid is presets x tunings (full | lora<rank>) x stages (rm | reinforce | remax | ppo); RL stages use
-`--rl-tunings` when given. Steps are built by `pe_rlhf.profiling.steps` from shapes alone. Each finished
-row is appended to `<out>/rows.jsonl` at once (a rerun skips rows already there); at the end the script
-writes `<out>/results.json`, `<out>/table.md`, three plots, and prints the ratios side by side:
-LoRA RM / full RM, PE-ReMax / full PPO, ReMax / PPO at equal tuning.
+The grid is presets x tunings (full | lora<rank>) x stages (rm | reinforce | remax | ppo) x frozen dtypes;
+RL stages use `--rl-tunings` when given. Steps are built by `pe_rlhf.profiling.steps` from shapes alone.
+Each finished row is appended to `<out>/rows.jsonl` at once (a rerun skips rows already there; one
+directory holds one topology and one set of shapes); at the end the script writes `<out>/results.json`,
+`<out>/table.md`, three plots (peak by LoRA rank; LoRA / full by model size; ReMax / PPO), and prints the
+ratios side by side: LoRA RM / full RM, PE-ReMax / full PPO, ReMax / PPO at equal tuning. A LoRA row is
+compared with the full row of the same remat setting and frozen dtype (float32 where none was measured:
+a fully tuned RM freezes nothing).
 """
 
 from __future__ import annotations
@@ -66,6 +71,15 @@ def param_count(cfg) -> int:
     return int(sum(math.prod(x.shape) for x in jax.tree.leaves(nnx.state(model, nnx.Param))))
 
 
+def row_setup(args, stage: str) -> dict:
+    """What a row's numbers depend on besides its preset and tuning: where it was compiled and its shapes."""
+    where = args.topology or "local"
+    if stage == "rm":
+        return {"where": where, "rm_pairs": args.rm_pairs, "rm_len": args.rm_len}
+    shapes = {"rl_prompts": args.rl_prompts, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens}
+    return {"where": where, **shapes, **({"ppo_epochs": args.ppo_epochs} if stage == "ppo" else {})}
+
+
 def run_row(args, preset_name: str, cfg, tuning, stage: str) -> dict:
     from pe_rlhf.profiling import steps
 
@@ -77,20 +91,34 @@ def run_row(args, preset_name: str, cfg, tuning, stage: str) -> dict:
     timed = args.local and args.time_iters > 0 and (args.time_presets is None or preset_name in args.time_presets)
     report = steps.measure_step(spec, topology=args.topology, time_iters=args.time_iters if timed else 0)
     return dict(report.as_dict(), preset=preset_name, tuning=tuning.label, stage=stage,
-                rank=None if tuning.mode == "full" else tuning.rank, frozen_dtype=tuning.frozen_dtype)
+                rank=None if tuning.mode == "full" else tuning.rank, frozen_dtype=tuning.frozen_dtype,
+                setup=row_setup(args, stage))
 
 
 def _key(row) -> tuple:
-    return row["preset"], row["tuning"], row["stage"], row.get("frozen_dtype", "float32")
+    return row["preset"], row["tuning"], row["stage"], _dtype(row)
 
 
 def grid(args) -> list[tuple]:
-    rows = []
+    """(preset index, preset, Tuning, stage) for presets x stages x tunings x frozen dtypes.
+
+    A fully tuned reward model freezes nothing, so `build_rm_step` keeps it float32 whatever the frozen
+    dtype; its rows are recorded (and compiled) once, as float32. Full RL steps do have frozen models
+    (the anchor and the reward model), so there the frozen dtype applies.
+    """
+    import dataclasses
+
+    out = []
     for i, name in enumerate(args.presets):
         for stage in args.stages:
-            tunings = args.rl_tunings if stage != "rm" and args.rl_tunings else args.tunings
-            rows += [(i, name, t, stage) for t in tunings]
-    return rows
+            for text in args.rl_tunings if stage != "rm" and args.rl_tunings else args.tunings:
+                for dtype in args.frozen_dtype:
+                    tuning = dataclasses.replace(parse_tuning(text), frozen_dtype=dtype, remat=args.remat)
+                    if stage == "rm" and tuning.mode == "full":
+                        tuning = dataclasses.replace(tuning, frozen_dtype="float32")
+                    if (i, name, tuning, stage) not in out:
+                        out.append((i, name, tuning, stage))
+    return out
 
 
 # -- reading the results --------------------------------------------------------------------------
@@ -98,9 +126,26 @@ def _gib(n) -> str:
     return "n/a" if n is None else f"{n / 2**30:.2f}"
 
 
-def _find(rows, preset, tuning, stage):
+def _dtype(row) -> str:
+    return row.get("frozen_dtype") or "float32"
+
+
+def _name(row) -> str:
+    """'lora-r8-remat', or 'lora-r8-remat bf16' where the frozen weights are bfloat16."""
+    return row["tuning"] + ("" if _dtype(row) == "float32" else " bf16")
+
+
+def _find(rows, preset, tuning, stage, frozen_dtype="float32"):
     return next((r for r in rows if r["preset"] == preset and r["tuning"] == tuning and r["stage"] == stage
-                 and r.get("peak_bytes") is not None), None)
+                 and _dtype(r) == frozen_dtype and r.get("peak_bytes") is not None), None)
+
+
+def baseline(rows, row, stage):
+    """The fully tuned row `row` is compared with: same preset and remat, step `stage`, the same frozen dtype
+    where one was measured, else float32 (a full RM is always float32: it freezes nothing)."""
+    full = "full-remat" if row["tuning"].endswith("-remat") else "full"
+    return (_find(rows, row["preset"], full, stage, _dtype(row))
+            or _find(rows, row["preset"], full, stage, "float32"))
 
 
 def _ratio(a, b, field):
@@ -112,40 +157,44 @@ def _ratio(a, b, field):
 def ratios(rows: list[dict], presets: list[str]) -> list[dict]:
     """Per preset: LoRA RM / full RM (each rank), PE-ReMax / full PPO, ReMax / PPO at equal tuning; memory and time."""
     out = []
+
+    def add(preset, comparison, a, b):
+        if b.get("memory") is None:  # b did not fit: its peak is the usage the compiler's message gives
+            comparison += " (denominator from the OOM message)"
+        out.append({"preset": preset, "comparison": comparison, "memory": _ratio(a, b, "peak_bytes"),
+                    "speedup": _ratio(b, a, "median_step_s")})
+
     for p in presets:
-        full = "full-remat" if any(r["tuning"].endswith("-remat") for r in rows) else "full"
-        full_rm = _find(rows, p, full, "rm")
-        ranks = {r["tuning"]: r["rank"] for r in rows if r["preset"] == p and r["rank"] is not None}
-        for r in sorted(ranks, key=ranks.get):
-            lora_rm = _find(rows, p, r, "rm")
-            out.append({"preset": p, "comparison": f"RM {r} / RM {full}",
-                        "memory": _ratio(lora_rm, full_rm, "peak_bytes"),
-                        "speedup": _ratio(full_rm, lora_rm, "median_step_s")})
-            pe_remax, full_ppo = _find(rows, p, r, "remax"), _find(rows, p, full, "ppo")
-            if pe_remax or full_ppo:
-                out.append({"preset": p, "comparison": f"ReMax {r} / PPO {full}",
-                            "memory": _ratio(pe_remax, full_ppo, "peak_bytes"),
-                            "speedup": _ratio(full_ppo, pe_remax, "median_step_s")})
-        for t in sorted({r["tuning"] for r in rows if r["preset"] == p and r["stage"] == "remax"}):
-            remax, ppo = _find(rows, p, t, "remax"), _find(rows, p, t, "ppo")
-            if remax and ppo:
-                out.append({"preset": p, "comparison": f"ReMax {t} / PPO {t}",
-                            "memory": _ratio(remax, ppo, "peak_bytes"), "speedup": _ratio(ppo, remax, "median_step_s")})
+        mine = [r for r in rows if r["preset"] == p and r.get("peak_bytes") is not None]
+        lora = sorted((r for r in mine if r["rank"] is not None),
+                      key=lambda r: (r["stage"] != "rm", r["tuning"].endswith("-remat"), _dtype(r) != "float32",
+                                     r["rank"]))
+        for r in lora:
+            full_stage = {"rm": "rm", "remax": "ppo"}.get(r["stage"])
+            full = full_stage and baseline(rows, r, full_stage)
+            if full:
+                add(p, f"{'RM' if r['stage'] == 'rm' else 'ReMax'} {_name(r)} / {full_stage.upper()} {_name(full)}",
+                    r, full)
+        for r in sorted((r for r in mine if r["stage"] == "remax"), key=_name):
+            ppo = _find(rows, p, r["tuning"], "ppo", _dtype(r))
+            if ppo:
+                add(p, f"ReMax {_name(r)} / PPO {_name(ppo)}", r, ppo)
     return [r for r in out if r["memory"] is not None or r["speedup"] is not None]
 
 
 def markdown(rows: list[dict], ratio_rows: list[dict], header: str) -> str:
-    lines = [header, "", "| preset | stage | tuning | peak GiB/device | args | temp | aliased | fits | step s | "
-             "frozen GiB | trainable GiB | opt GiB |", "|---|---|---|---:|---:|---:|---:|---|---:|---:|---:|---:|"]
+    lines = [header, "", "| preset | stage | tuning | frozen | peak GiB/device | args | temp | aliased | fits | "
+             "step s | frozen GiB | trainable GiB | opt GiB |",
+             "|---|---|---|---|---:|---:|---:|---:|---|---:|---:|---:|---:|"]
     for r in rows:
         m = r.get("memory") or {}
         a = r["arg_bytes"]
         step = "" if r.get("median_step_s") is None else f"{r['median_step_s']:.3f}"
         fits = "" if r.get("fits") is None else ("yes" if r["fits"] else "NO")
         peak = _gib(r.get("peak_bytes")) + ("*" if r.get("memory") is None and r.get("peak_bytes") else "")
-        lines.append(f"| {r['preset']} | {r['stage']} | {r['tuning']} | {peak} | {_gib(m.get('argument_bytes'))} | "
-                     f"{_gib(m.get('temp_bytes'))} | {_gib(m.get('alias_bytes'))} | {fits} | {step} | "
-                     f"{_gib(a['frozen'])} | {_gib(a['trainable'])} | {_gib(a['opt_state'])} |")
+        lines.append(f"| {r['preset']} | {r['stage']} | {r['tuning']} | {_dtype(r)} | {peak} | "
+                     f"{_gib(m.get('argument_bytes'))} | {_gib(m.get('temp_bytes'))} | {_gib(m.get('alias_bytes'))} | "
+                     f"{fits} | {step} | {_gib(a['frozen'])} | {_gib(a['trainable'])} | {_gib(a['opt_state'])} |")
     lines += ["", "Per-device peak = arguments + outputs + temporaries - aliased (XLA memory analysis); "
               "frozen / trainable / opt columns are global (unsharded) sizes. * = from the compiler's "
               "out-of-memory message.", "", "| preset | comparison | memory ratio | speed-up |", "|---|---|---:|---:|"]
@@ -156,67 +205,106 @@ def markdown(rows: list[dict], ratio_rows: list[dict], header: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plots(rows: list[dict], sizes: dict[str, int], out: str) -> list[str]:
+def _variant(row) -> str:
+    """' remat', ' bf16', ' remat bf16' or '' for a legend."""
+    return (" remat" if row["tuning"].endswith("-remat") else "") + ("" if _dtype(row) == "float32" else " bf16")
+
+
+def plots(rows: list[dict], ratio_rows: list[dict], sizes: dict[str, int], out: str) -> list[str]:
+    """peak_by_rank.png, lora_full_ratio_by_size.png, remax_ppo_ratio.png under `out`; returns their paths."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     paths = []
-    presets = list(sizes)
-    # 1. peak by rank (RM and PE-ReMax), full as a dashed line
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for p in presets:
-        for stage, style in (("rm", "o-"), ("remax", "s--")):
-            pts = sorted((r["rank"], r["peak_bytes"]) for r in rows if r["preset"] == p and r["stage"] == stage
-                         and r["rank"] is not None and r.get("peak_bytes") is not None)
-            if pts:
-                line, = ax.plot([x for x, _ in pts], [y / 2**30 for _, y in pts], style, label=f"{p} {stage} LoRA")
-                full = _find(rows, p, "full", stage)
-                if full:
-                    ax.axhline(full["peak_bytes"] / 2**30, color=line.get_color(), ls=":", lw=1)
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("LoRA rank (dotted: full fine-tuning)")
+    measured = [r for r in rows if r.get("peak_bytes") is not None]
+    lora = [r for r in measured if r["rank"] is not None]
+    # 1. peak by rank (RM and PE-ReMax), the fully tuned step it is compared with as a dotted line
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    series = {}
+    for r in lora:
+        if r["stage"] in ("rm", "remax"):
+            series.setdefault((r["preset"], r["stage"], _variant(r)), []).append(r)
+    peaks = []
+    for (p, stage, variant), group in sorted(series.items(), key=lambda kv: (sizes.get(kv[0][0], 0), kv[0][1:])):
+        group.sort(key=lambda r: r["rank"])
+        ys = [r["peak_bytes"] / 2**30 for r in group]
+        line, = ax.plot([r["rank"] for r in group], ys, "o-" if stage == "rm" else "s--",
+                        label=f"{p} {'RM' if stage == 'rm' else 'PE-ReMax'} LoRA{variant}")
+        peaks += ys
+        full = baseline(rows, group[0], "rm" if stage == "rm" else "ppo")
+        if full:
+            ax.axhline(full["peak_bytes"] / 2**30, color=line.get_color(), ls=":", lw=1.2)
+            peaks.append(full["peak_bytes"] / 2**30)
+    if peaks:
+        ax.set_xscale("log", base=2)
+        ranks = sorted({r["rank"] for r in lora})
+        ax.set_xticks(ranks, [str(k) for k in ranks])
+        if max(peaks) > 8 * min(peaks):
+            ax.set_yscale("log")
+        else:
+            ax.set_ylim(0, 1.1 * max(peaks))
+        ax.legend(fontsize=7)
+    else:
+        ax.text(0.5, 0.5, "no LoRA rows", ha="center", transform=ax.transAxes)
+    ax.set_xlabel("LoRA rank")
     ax.set_ylabel("peak GiB per device")
-    ax.legend(fontsize=7)
+    ax.set_title("Peak memory by LoRA rank (dotted: the fully tuned step: full RM; full PPO for PE-ReMax)",
+                 fontsize=8)
     paths.append(_save(fig, out, "peak_by_rank.png"))
-    # 2. LoRA / full ratio by model size
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ranks = sorted({r["rank"] for r in rows if r["rank"] is not None})
-    for rank in ranks:
-        for stage, full_stage, label in (("rm", "rm", "RM"), ("remax", "ppo", "PE-ReMax / full PPO")):
-            pts = [(sizes[p], _ratio(_find(rows, p, f"lora-r{rank}", stage), _find(rows, p, "full", full_stage),
-                                     "peak_bytes")) for p in presets]
-            pts = [(x, y) for x, y in pts if y is not None]
-            if pts:
-                ax.plot([x / 1e9 for x, _ in pts], [y for _, y in pts], "o-" if stage == "rm" else "s--",
-                        label=f"{label} r{rank}")
+    # 2. LoRA / full ratio by model size, against the target and the PE-RLHF paper's RM range
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    series = {}
+    for r in lora:
+        if r["stage"] in ("rm", "remax"):
+            ratio = _ratio(r, baseline(rows, r, "rm" if r["stage"] == "rm" else "ppo"), "peak_bytes")
+            if ratio is not None and r["preset"] in sizes:
+                series.setdefault((r["stage"], r["rank"], _variant(r)), []).append((sizes[r["preset"]], ratio))
+    for (stage, rank, variant), pts in sorted(series.items()):
+        pts.sort()
+        ax.plot([x / 1e9 for x, _ in pts], [y for _, y in pts], "o-" if stage == "rm" else "s--",
+                label=f"{'RM' if stage == 'rm' else 'PE-ReMax / full PPO'} r{rank}{variant}")
+    ax.axhspan(0.43, 0.74, color="0.85", label="PE-RLHF paper: LoRA RM 43-74%")
+    ax.axhline(TARGETS["lora_rm_memory"], color="r", ls="--", lw=1, label=f"target RM {TARGETS['lora_rm_memory']:.2f}")
+    if any(stage == "remax" for stage, _, _ in series):
+        ax.axhline(TARGETS["pe_remax_memory"], color="m", ls="--", lw=1,
+                   label=f"target PE-ReMax {TARGETS['pe_remax_memory']:.2f}")
     ax.set_xscale("log")
+    shown = sorted({sizes[r["preset"]] for r in lora if r["preset"] in sizes})
+    names = {size: p for p, size in sizes.items()}
+    ax.set_xticks([x / 1e9 for x in shown], [f"{x / 1e9:.2g}B\n{names[x]}" for x in shown], fontsize=7)
+    ax.minorticks_off()
+    ax.set_ylim(0, 1.05)
     ax.set_xlabel("parameters (billions)")
-    ax.set_ylabel("LoRA peak / full peak")
+    ax.set_ylabel("LoRA peak / full peak (per device)")
     ax.legend(fontsize=7)
     paths.append(_save(fig, out, "lora_full_ratio_by_size.png"))
-    # 3. ReMax / PPO at equal tuning
-    fig, ax = plt.subplots(figsize=(6, 4))
-    labels, values = [], []
-    for p in presets:
-        for t in sorted({r["tuning"] for r in rows if r["preset"] == p and r["stage"] == "remax"}):
-            v = _ratio(_find(rows, p, t, "remax"), _find(rows, p, t, "ppo"), "peak_bytes")
-            if v is not None:
-                labels.append(f"{p}\n{t}")
-                values.append(v)
-    ax.bar(range(len(values)), values)
-    ax.set_xticks(range(len(values)), labels, fontsize=7)
+    # 3. ReMax / PPO: PE-ReMax against full PPO, and at equal tuning
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    bars = [r for r in ratio_rows if r["comparison"].startswith("ReMax") and r["memory"] is not None]
+    drawn = ax.bar(range(len(bars)), [r["memory"] for r in bars], width=0.5)
+    ax.bar_label(drawn, fmt="%.3f", fontsize=7)
+    ax.set_xlim(-0.75, max(len(bars), 3) - 0.25)
+    ax.set_xticks(range(len(bars)), [f"{r['preset']}\n{r['comparison'].replace(' / ', chr(10) + '/ ')}"
+                                     for r in bars], fontsize=6)
     ax.axhline(1.0, color="k", lw=0.5)
-    ax.set_ylabel("ReMax peak / PPO peak")
+    ax.axhline(TARGETS["pe_remax_memory"], color="m", ls="--", lw=1, label="target PE-ReMax / full PPO 0.50")
+    ax.set_ylabel("ReMax peak / PPO peak (per device)")
+    ax.legend(fontsize=7)
+    if not bars:
+        ax.text(0.5, 0.5, "no ReMax / PPO pairs", ha="center", transform=ax.transAxes)
     paths.append(_save(fig, out, "remax_ppo_ratio.png"))
     return paths
 
 
 def _save(fig, out, name) -> str:
+    import matplotlib.pyplot as plt
+
     path = os.path.join(out, name)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
     return path
 
 
@@ -230,7 +318,9 @@ def parse_args(argv=None):
     p.add_argument("--tunings", nargs="+", default=["full", "lora1", "lora4", "lora8", "lora16", "lora32"])
     p.add_argument("--rl-tunings", nargs="+", default=None, help="tunings for RL stages (default: --tunings)")
     p.add_argument("--stages", nargs="+", default=list(STAGES), choices=STAGES)
-    p.add_argument("--frozen-dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--frozen-dtype", nargs="+", default=["float32"], choices=["float32", "bfloat16"],
+                   help="dtype(s) of the frozen weights: the LoRA backbone, the full RL anchor and reward model "
+                        "(a fully tuned RM freezes nothing and stays float32)")
     p.add_argument("--remat", action="store_true", help="rematerialise each decoder block (every tuning)")
     p.add_argument("--rm-pairs", type=int, default=8)
     p.add_argument("--rm-len", type=int, default=512)
@@ -240,39 +330,54 @@ def parse_args(argv=None):
     p.add_argument("--ppo-epochs", type=int, default=4)
     p.add_argument("--time-iters", type=int, default=0, help="timed steps per row (--local only; 0: no timing)")
     p.add_argument("--time-presets", nargs="+", default=None, help="presets to time (default: all with --local)")
+    p.add_argument("--no-compile", action="store_true",
+                   help="compile nothing: report the rows of this grid already in <out>/rows.jsonl")
     p.add_argument("--out", required=True, help="output directory")
     args = p.parse_args(argv)
     if args.topology and args.time_iters:
         p.error("--time-iters needs --local: a TPU topology is compiled ahead of time, never run")
+    for text in args.tunings + (args.rl_tunings or []):
+        if text != "full" and not (text.startswith("lora") and text[4:].isdigit()):
+            p.error(f"--tunings: {text!r} is not 'full' or 'lora<rank>' (e.g. lora8)")
     return args
+
+
+def read_rows(path: str, args) -> dict:
+    """Rows already measured in `path` (rows.jsonl), by key; failed rows are left out so they are tried again.
+
+    One directory holds one place and one set of shapes: a row measured elsewhere or at other shapes is an error.
+    """
+    done = {}
+    if not os.path.exists(path):
+        return done
+    with open(path) as f:
+        for lineno, line in enumerate(f, 1):
+            row = json.loads(line)
+            if "setup" in row and row["setup"] != row_setup(args, row["stage"]):
+                raise SystemExit(f"{path}:{lineno}: {row['preset']} {row['stage']} {_name(row)} was measured with "
+                                 f"{row['setup']}, this run asks for {row_setup(args, row['stage'])}; "
+                                 "give another --out (one directory holds one topology and one set of shapes)")
+            if not row.get("error"):
+                done[_key(row)] = row
+    return done
 
 
 def main(argv=None):
     args = parse_args(argv)
     os.environ.setdefault("JAX_PLATFORMS", "cpu")  # compile-only TPU use must not probe for a TPU
-    import dataclasses
-
     import jax
 
-    options = dict(frozen_dtype=args.frozen_dtype, remat=args.remat)
-    args.tunings = [dataclasses.replace(parse_tuning(t), **options) for t in args.tunings]
-    if args.rl_tunings:
-        args.rl_tunings = [dataclasses.replace(parse_tuning(t), **options) for t in args.rl_tunings]
+    cells = grid(args)
     os.makedirs(args.out, exist_ok=True)
     rows_path = os.path.join(args.out, "rows.jsonl")
-    done = {}
-    if os.path.exists(rows_path):
-        with open(rows_path) as f:
-            for line in f:
-                row = json.loads(line)
-                if not row.get("error"):  # a failed row is tried again
-                    done[_key(row)] = row
+    done = read_rows(rows_path, args)
     configs = {name: model_config(name, args.preset_override, i) for i, name in enumerate(args.presets)}
-    for i, name, tuning, stage in grid(args):
+    for i, name, tuning, stage in cells:
         key = (name, tuning.label, stage, tuning.frozen_dtype)
-        if key in done:
+        if key in done or args.no_compile:
             continue
-        print(f"[benchmark] {name} {stage} {tuning.label} on {args.topology or 'local'} ...", flush=True)
+        print(f"[benchmark] {name} {stage} {tuning.label} {tuning.frozen_dtype} on {args.topology or 'local'} ...",
+              flush=True)
         try:
             row = run_row(args, name, configs[name], tuning, stage)
         except Exception as e:  # one failing row must not lose the others; it is recorded with its error
@@ -280,14 +385,14 @@ def main(argv=None):
             row = {"preset": name, "tuning": tuning.label, "stage": stage, "frozen_dtype": tuning.frozen_dtype,
                    "rank": None if tuning.mode == "full" else tuning.rank, "peak_bytes": None, "memory": None,
                    "error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}",
-                   "arg_bytes": {"frozen": 0, "trainable": 0, "opt_state": 0}}
+                   "arg_bytes": {"frozen": 0, "trainable": 0, "opt_state": 0}, "setup": row_setup(args, stage)}
         print(f"[benchmark]   peak {_gib(row.get('peak_bytes'))} GiB, compile {row.get('compile_s', 0):.1f} s"
               + ("" if row.get("median_step_s") is None else f", step {row['median_step_s']:.3f} s"), flush=True)
         with open(rows_path, "a") as f:
             f.write(json.dumps(row) + "\n")
         done[key] = row
 
-    wanted = {(n, t.label, s, t.frozen_dtype) for _, n, t, s in grid(args)}
+    wanted = {(n, t.label, s, t.frozen_dtype) for _, n, t, s in cells}
     rows = [r for k, r in done.items() if k in wanted]
     sizes = {name: param_count(cfg) for name, cfg in configs.items()}
     ratio_rows = ratios(rows, args.presets)
@@ -296,23 +401,22 @@ def main(argv=None):
              if args.topology else f"local {jax.default_backend()} ({os.cpu_count()} cores)")
     header = (f"Benchmark on {where}. RM: {args.rm_pairs} pairs x {args.rm_len} tokens; RL: {args.rl_prompts} "
               f"prompts x {args.prompt_len} + {args.new_tokens} new tokens (PPO {args.ppo_epochs} epochs); "
-              f"frozen weights {args.frozen_dtype}.")
+              f"frozen weights {' / '.join(args.frozen_dtype)} (a fully tuned RM is float32); "
+              f"{'per-block remat' if args.remat else 'no remat'}.")
     with open(os.path.join(args.out, "results.json"), "w") as f:
-        json.dump({"args": {k: (v if not isinstance(v, list) or not v or isinstance(v[0], str) else
-                                [t.label for t in v]) for k, v in vars(args).items()},
-                   "machine": machine, "param_counts": sizes, "rows": rows, "ratios": ratio_rows,
-                   "targets": TARGETS}, f, indent=2)
+        json.dump({"args": vars(args), "machine": machine, "param_counts": sizes, "rows": rows,
+                   "ratios": ratio_rows, "targets": TARGETS}, f, indent=2)
     table = markdown(rows, ratio_rows, header)
     with open(os.path.join(args.out, "table.md"), "w") as f:
         f.write(table)
-    plots(rows, sizes, args.out)
+    plots(rows, ratio_rows, sizes, args.out)
 
     print("\n" + header)
-    print(f"{'preset':14s} {'comparison':28s} {'memory ratio':>13s} {'speed-up':>9s}")
+    print(f"{'preset':14s} {'comparison':44s} {'memory ratio':>13s} {'speed-up':>9s}")
     for r in ratio_rows:
         mem = "" if r["memory"] is None else f"{r['memory']:.3f}"
         spd = "" if r["speedup"] is None else f"{r['speedup']:.2f}x"
-        print(f"{r['preset']:14s} {r['comparison']:28s} {mem:>13s} {spd:>9s}")
+        print(f"{r['preset']:14s} {r['comparison']:44s} {mem:>13s} {spd:>9s}")
     print(f"targets: LoRA RM <= {TARGETS['lora_rm_memory']:.0%} of full and >= {TARGETS['lora_rm_speedup']}x; "
           f"PE-ReMax <= {TARGETS['pe_remax_memory']:.0%} of full PPO and >= {TARGETS['pe_remax_speedup']}x")
     return rows, ratio_rows
