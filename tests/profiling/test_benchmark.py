@@ -70,3 +70,28 @@ def test_bad_arguments_are_clear_errors(tmp_path):
     assert proc.returncode == 2 and "--time-iters needs --local" in proc.stderr
     proc = run("--local", "--tunings", "lora", "--presets", "gemma3-270m")
     assert proc.returncode != 0 and "'lora' is not 'full' or 'lora<rank>'" in proc.stderr
+
+
+def test_remat_rows_pair_with_the_remat_baseline_and_reports_reread_without_compiling(tmp_path):
+    """--remat rows are compared with the full-remat row; --no-compile reports saved rows; other shapes are refused."""
+    base = [sys.executable, SCRIPT, "--local", "--preset-override", "tiny", "--presets", "gemma3-270m",
+            "--stages", "rm", "--rm-pairs", "2", "--rm-len", "16", "--out", str(tmp_path)]
+    env = dict(os.environ, JAX_PLATFORMS="cpu", MPLBACKEND="Agg")
+    run = lambda *a: subprocess.run(base + list(a), capture_output=True, text=True, env=env, timeout=600)
+    proc = run("--tunings", "full", "lora4", "--remat")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {r["tuning"]: r for r in json.load(open(tmp_path / "results.json"))["rows"]}
+    assert set(rows) == {"full-remat", "lora-r4-remat"}
+    ratios = json.load(open(tmp_path / "results.json"))["ratios"]
+    assert len(ratios) == 1 and "full-remat" in ratios[0]["comparison"]
+    assert ratios[0]["memory"] == pytest.approx(rows["lora-r4-remat"]["peak_bytes"] / rows["full-remat"]["peak_bytes"])
+
+    (tmp_path / "results.json").unlink()
+    proc = run("--tunings", "full", "lora4", "--remat", "--no-compile")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "[benchmark] gemma3-270m" not in proc.stdout  # nothing compiled, the saved rows reported
+    assert json.load(open(tmp_path / "results.json"))["ratios"][0]["memory"] == ratios[0]["memory"]
+
+    proc = subprocess.run([*base[:-4], "--rm-len", "32", "--out", str(tmp_path), "--tunings", "full", "--remat"],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode != 0 and "give another --out" in proc.stderr
