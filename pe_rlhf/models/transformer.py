@@ -178,22 +178,12 @@ def packed_masks(packing: Packing, positions_BxT, sliding_window: int | None) ->
     return LocalMask(full, chunk, blocks), LocalMask(sliding, chunk, blocks)
 
 
-def _attend(q_BxTxKxGxH, k_BxSxKxH, v_BxSxKxH, mask_BxTxS, scale: float, softcap: float | None, dtype,
-            heads_first: bool = False):
-    """Softmax attention of grouped queries over keys; masked keys get no weight.
-
-    `heads_first` feeds the queries as [B, K, G, T, H] (the decode path: see `Attention._attend_cached`).
-    """
-    if heads_first:
-        logits_BxKxGxTxS = jnp.einsum(
-            "BKGTH,BSKH->BKGTS", q_BxTxKxGxH.transpose(0, 2, 3, 1, 4), k_BxSxKxH.astype(q_BxTxKxGxH.dtype),
-            preferred_element_type=jnp.float32,
-        ) * scale
-    else:
-        logits_BxKxGxTxS = jnp.einsum(
-            "BTKGH,BSKH->BKGTS", q_BxTxKxGxH, k_BxSxKxH.astype(q_BxTxKxGxH.dtype),
-            preferred_element_type=jnp.float32,
-        ) * scale
+def _attend(q_BxTxKxGxH, k_BxSxKxH, v_BxSxKxH, mask_BxTxS, scale: float, softcap: float | None, dtype):
+    """Softmax attention of grouped queries over keys; masked keys get no weight."""
+    logits_BxKxGxTxS = jnp.einsum(
+        "BTKGH,BSKH->BKGTS", q_BxTxKxGxH, k_BxSxKxH.astype(q_BxTxKxGxH.dtype),
+        preferred_element_type=jnp.float32,
+    ) * scale
     if softcap is not None:
         logits_BxKxGxTxS = jnp.tanh(logits_BxKxGxTxS / softcap) * softcap
     logits_BxKxGxTxS = jnp.where(mask_BxTxS[:, None, None], logits_BxKxGxTxS, _MASKED)
@@ -246,39 +236,28 @@ class Attention(nnx.Module):
         q_BxTxNxH = apply_rope(q_BxTxNxH, q_positions_BxT, inv_freq)
         k_BxTxKxH = apply_rope(k_BxTxKxH, positions_BxT, inv_freq)
 
+        if kv_cache is None:
+            k_BxSxKxH, v_BxSxKxH = k_BxTxKxH, v_BxTxKxH
+        else:
+            k_cache, v_cache = kv_cache
+            k_BxSxKxH = jax.lax.dynamic_update_slice(k_cache, k_BxTxKxH.astype(k_cache.dtype), (0, end, 0, 0))
+            v_BxSxKxH = jax.lax.dynamic_update_slice(v_cache, v_BxTxKxH.astype(v_cache.dtype), (0, end, 0, 0))
+
         q_BxTxKxGxH = q_BxTxNxH.reshape(b, tq, k, n // k, h)
-        if kv_cache is not None:
-            return self._attend_cached(q_BxTxKxGxH, k_BxTxKxH, v_BxTxKxH, mask_BxTxS, kv_cache, end, x_BxTxD.dtype)
         if isinstance(mask_BxTxS, LocalMask):  # packed rows: each query chunk against its window of keys
             lm = mask_BxTxS
             c, w = t // lm.chunk, lm.blocks * lm.chunk
             fold = lambda x: x.reshape(b * c, *x.shape[2:])
             out = _attend(fold(q_BxTxKxGxH.reshape(b, c, lm.chunk, k, n // k, h)),
-                          fold(_key_windows(k_BxTxKxH, lm.blocks, lm.chunk, 0)),
-                          fold(_key_windows(v_BxTxKxH, lm.blocks, lm.chunk, 0)),
+                          fold(_key_windows(k_BxSxKxH, lm.blocks, lm.chunk, 0)),
+                          fold(_key_windows(v_BxSxKxH, lm.blocks, lm.chunk, 0)),
                           lm.mask_BxCxQxW.reshape(b * c, lm.chunk, w), self.scale, self.softcap, x_BxTxD.dtype)
             out_BxTxKxGxH = out.reshape(b, t, k, n // k, h)
         else:
-            out_BxTxKxGxH = _attend(q_BxTxKxGxH, k_BxTxKxH, v_BxTxKxH, mask_BxTxS, self.scale, self.softcap,
+            out_BxTxKxGxH = _attend(q_BxTxKxGxH, k_BxSxKxH, v_BxSxKxH, mask_BxTxS, self.scale, self.softcap,
                                     x_BxTxD.dtype)
-        return self.o_proj(out_BxTxKxGxH.reshape(b, tq, n * h)), (k_BxTxKxH, v_BxTxKxH)
-
-    def _attend_cached(self, q_BxTxKxGxH, k_BxTxKxH, v_BxTxKxH, mask_BxTxS, kv_cache, end, dtype):
-        """Attention of T new tokens over the cache's S slots, their keys and values written at `end` first.
-
-        The queries go in as [B, K, G, T, H]: with the [B, T, K, G, H] order XLA:CPU fuses a second
-        copy of the cache update into the attention's transposed read and copies every cache buffer
-        several times per decoded token (measured on the compiled sampler: 72 copies of the cache
-        buffers per step for Gemma 3 270M; none this way).
-        """
-        b, t = k_BxTxKxH.shape[:2]
-        k_cache, v_cache = kv_cache
-        k_BxSxKxH = jax.lax.dynamic_update_slice(k_cache, k_BxTxKxH.astype(k_cache.dtype), (0, end, 0, 0))
-        v_BxSxKxH = jax.lax.dynamic_update_slice(v_cache, v_BxTxKxH.astype(v_cache.dtype), (0, end, 0, 0))
-        out_BxTxKxGxH = _attend(q_BxTxKxGxH, k_BxSxKxH, v_BxSxKxH, mask_BxTxS, self.scale, self.softcap, dtype,
-                                heads_first=True)
-        n, h = self.num_heads, self.head_dim
-        return self.o_proj(out_BxTxKxGxH.reshape(b, t, n * h)), (k_BxSxKxH, v_BxSxKxH)
+        y_BxTxD = self.o_proj(out_BxTxKxGxH.reshape(b, tq, n * h))
+        return y_BxTxD, (k_BxSxKxH, v_BxSxKxH)
 
 
 class MLP(nnx.Module):
