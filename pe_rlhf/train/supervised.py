@@ -218,6 +218,7 @@ def _packed(data: DataConfig, loop: LoopConfig, pairwise: bool, pad_id: int, cen
         raise ValueError(f"DataConfig.pack_length={data.pack_length} is shorter than the longest item the "
                          f"config allows ({span} tokens = max_prompt_len + {2 if pairwise else 1} x "
                          "max_response_len); raise it")
+
     def batching(size):  # (collate, fits) of batches of up to `size` items: one shape for each size
         options = packing.PackOptions(rows=data.pack_rows, length=data.pack_length,
                                       items_per_row=size // data.pack_rows)
@@ -277,21 +278,21 @@ def _score_packed(graphdef, trainable, frozen, batch, span):
     return nnx.merge(graphdef, trainable, frozen).score_packed(batch, span)
 
 
-def _packed_scores(graphdef, trainable, frozen, batches, span: int) -> list[tuple[np.ndarray, dict]]:
-    """(scores [n, K], batch) of each packed batch's valid slots."""
-    out = []
+def _packed_scores(graphdef, trainable, frozen, batches, span: int, value_key: str) -> tuple[np.ndarray, np.ndarray]:
+    """Scores [n, K] and `value_key` values [n] (margins or labels) of every packed batch's real items."""
+    scores, values = [], []
     for b in batches:
         keep = b["valid_RxP"] > 0
-        arrays = {k: v for k, v in b.items() if k != "valid_RxP"}
-        out.append((np.asarray(_score_packed(graphdef, trainable, frozen, arrays, span))[keep], b, keep))
-    return out
+        scores.append(np.asarray(_score_packed(graphdef, trainable, frozen, b, span))[keep])
+        values.append(b[value_key][keep])
+    return np.concatenate(scores), np.concatenate(values)
 
 
 def score_pairs(graphdef, trainable, frozen, batches, span: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Chosen and rejected scores of every real pair (padded batches, or packed ones with `span`)."""
     if span is not None:
-        scored = _packed_scores(graphdef, trainable, frozen, batches, span)
-        return np.concatenate([s[:, 0] for s, _, _ in scored]), np.concatenate([s[:, 1] for s, _, _ in scored])
+        scores_nx2, _ = _packed_scores(graphdef, trainable, frozen, batches, span, "margin_RxP")
+        return scores_nx2[:, 0], scores_nx2[:, 1]
     chosen, rejected = [], []
     for b in batches:
         keep = b["valid_B"] > 0
@@ -304,9 +305,8 @@ def score_pairs(graphdef, trainable, frozen, batches, span: int | None = None) -
 def score_labeled(graphdef, trainable, frozen, batches, span: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Scores and labels of every real example (padded batches, or packed ones with `span`)."""
     if span is not None:
-        scored = _packed_scores(graphdef, trainable, frozen, batches, span)
-        return (np.concatenate([s[:, 0] for s, _, _ in scored]),
-                np.concatenate([b["label_RxP"][keep] for _, b, keep in scored]))
+        scores_nx1, labels = _packed_scores(graphdef, trainable, frozen, batches, span, "label_RxP")
+        return scores_nx1[:, 0], labels
     scores, labels = [], []
     for b in batches:
         keep = b["valid_B"] > 0
