@@ -37,7 +37,7 @@ def _register():
     """Everything a config may bind, under short names."""
     for fn in (supervised.train_reward_model, supervised.train_sft, rl_loop.train_policy, named_dataset, D.read_hh_harmless,
                D.read_taskmaster, D.read_preference_jsonl, D.read_labeled_jsonl, D.read_sft_jsonl,
-               pipeline.rlhf_pipeline, winrate.judge_policies):
+               D.read_prompts_jsonl, pipeline.rlhf_pipeline, winrate.judge_policies):
         gin.external_configurable(fn, name=fn.__name__)
     for fn in (toy.preference_pairs, toy.sft_demonstrations, toy.prompts, toy.gold_reward):
         gin.external_configurable(fn, name=fn.__name__, module="toy")

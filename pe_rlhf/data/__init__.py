@@ -9,19 +9,19 @@ is not imported here (tfds is slow to import).
 """
 
 from pe_rlhf.data.batching import batch_labeled, batch_preferences, batch_prompts, batch_sft, pad_sequences
-from pe_rlhf.data.examples import DataError, LabeledExample, Loaded, PreferenceExample, PromptResponse
+from pe_rlhf.data.examples import DataError, LabeledExample, Loaded, PreferenceExample, Prompt, PromptResponse
 from pe_rlhf.data.iterator import BatchIterator, epoch_order, train_eval_split
 from pe_rlhf.data.sources import (default_data_dir, prompts_of, read_hh_harmless, read_labeled_jsonl,
-                                  read_preference_jsonl, read_sft_jsonl, read_taskmaster, sft_from_labeled,
-                                  sft_from_preferences)
+                                  read_preference_jsonl, read_prompts_jsonl, read_sft_jsonl, read_taskmaster,
+                                  sft_from_labeled, sft_from_preferences)
 from pe_rlhf.data.tokenize import (TokenizedLabeled, TokenizedPair, TokenizedSFT, TokenizeOptions, TokenStats,
                                    tokenize_labeled, tokenize_preferences, tokenize_prompts, tokenize_sft)
 
 __all__ = [
-    "BatchIterator", "DataError", "LabeledExample", "Loaded", "PreferenceExample", "PromptResponse",
+    "BatchIterator", "DataError", "LabeledExample", "Loaded", "PreferenceExample", "Prompt", "PromptResponse",
     "TokenizeOptions", "TokenStats", "TokenizedLabeled", "TokenizedPair", "TokenizedSFT",
     "batch_labeled", "batch_preferences", "batch_prompts", "batch_sft", "default_data_dir", "epoch_order",
     "pad_sequences", "prompts_of", "read_hh_harmless", "read_labeled_jsonl", "read_preference_jsonl",
-    "read_sft_jsonl", "read_taskmaster", "sft_from_labeled", "sft_from_preferences", "tokenize_labeled",
-    "tokenize_preferences", "tokenize_prompts", "tokenize_sft", "train_eval_split",
+    "read_prompts_jsonl", "read_sft_jsonl", "read_taskmaster", "sft_from_labeled", "sft_from_preferences",
+    "tokenize_labeled", "tokenize_preferences", "tokenize_prompts", "tokenize_sft", "train_eval_split",
 ]

@@ -45,6 +45,13 @@ class PromptResponse:
 
 
 @dataclasses.dataclass(frozen=True)
+class Prompt:
+    """A prompt alone (RL and evaluation prompt sets)."""
+
+    prompt: str
+
+
+@dataclasses.dataclass(frozen=True)
 class Loaded:
     """What a reader returns: the examples, where they came from, and what it skipped (and why).
 

@@ -45,7 +45,7 @@ import math
 import os
 from typing import Iterator
 
-from pe_rlhf.data.examples import DataError, LabeledExample, Loaded, PreferenceExample, PromptResponse
+from pe_rlhf.data.examples import DataError, LabeledExample, Loaded, PreferenceExample, Prompt, PromptResponse
 
 ASSISTANT = "\n\nAssistant:"
 
@@ -274,6 +274,15 @@ def read_sft_jsonl(path: str) -> Loaded:
     examples = [PromptResponse(_text(row, "prompt", where), _text(row, "response", where))
                 for where, row in _json_lines(path)]
     return _finish(examples, path)
+
+
+def read_prompts_jsonl(path: str) -> Loaded:
+    """`{prompt}` lines -> `Prompt`s (RL and evaluation prompt sets; other fields are ignored).
+
+    An RL workdir's `eval_prompts.jsonl` is such a file: the held-out prompts its run never trained on.
+    """
+    path = _check_file(path, "a JSONL file of {prompt} objects")
+    return _finish([Prompt(_text(row, "prompt", where)) for where, row in _json_lines(path)], path)
 
 
 # ---------------------------------------------------------------------------- derived sets

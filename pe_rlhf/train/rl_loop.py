@@ -116,6 +116,32 @@ def _eval_rollout(graphdef, trainable, frozen, prompt_PxT, prompt_mask_PxT, rng,
     return out.tokens_BxN, out.mask_BxN, reward
 
 
+EVAL_PROMPTS = "eval_prompts.jsonl"
+
+
+def split_prompts(prompts: D.Loaded, tokenizer, data: DataConfig) -> tuple[tuple[str, ...], list, list]:
+    """(distinct prompt texts, train ids, held-out ids): `[BOS] prompt` cut from the left, then a seeded split."""
+    texts = D.prompts_of(prompts.examples)
+    if not texts:
+        raise D.DataError(f"{prompts.source}: no prompts")
+    options = D.TokenizeOptions(max_prompt_len=data.max_prompt_len, max_response_len=1)
+    ids, stats = D.tokenize_prompts(texts, tokenizer, options)
+    print(f"prompts {prompts.source}: {stats.kept}/{stats.examples} kept, {stats.prompts_truncated} truncated "
+          f"from the left to {data.max_prompt_len} tokens, {stats.dropped_empty} empty dropped")
+    train_ids, eval_ids = D.train_eval_split(list(ids), eval_size=data.eval_size, seed=data.split_seed)
+    return texts, train_ids, eval_ids
+
+
+def write_eval_prompts(path: str, eval_ids, tokenizer) -> None:
+    """The held-out prompts as text, one `{prompt}` line each, as the policy saw them (already cut
+    from the left to `max_prompt_len`): `read_prompts_jsonl` gives them to a judged evaluation."""
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        for ids in eval_ids:
+            f.write(json.dumps({"prompt": tokenizer.decode(list(ids), skip_special_tokens=True)}) + "\n")
+    os.replace(tmp, path)
+
+
 def train_policy(*, workdir: str, prompts: D.Loaded, model: str = "tiny", dtype: str = "float32",
                  tuning: TuningConfig = TuningConfig(), rl: RLConfig = RLConfig(),
                  optimizer: OptimizerConfig = OptimizerConfig(), loop: LoopConfig = LoopConfig(),
@@ -127,7 +153,8 @@ def train_policy(*, workdir: str, prompts: D.Loaded, model: str = "tiny", dtype:
     `reward_fn(prompt_BxT, prompt_mask_BxT, response_BxN, response_mask_BxN) -> rewards_B` must be
     traceable by JAX (it runs inside the compiled step). Evaluation: responses on held-out prompts
     (greedy, or `eval_samples` samples each at `eval_temperature`), their mean reward against the
-    starting policy's, written to `samples_<step>.jsonl`.
+    starting policy's, written to `samples_<step>.jsonl`. The held-out prompts themselves go to
+    `eval_prompts.jsonl`, for a judged comparison on prompts the policy never trained on.
     """
     if plan_only is not None:  # compile the step from shapes for a topology; train nothing
         return plan_report(workdir, stage="rl", model=model, dtype=dtype, tuning=tuning, loop=loop,
@@ -157,14 +184,7 @@ def train_policy(*, workdir: str, prompts: D.Loaded, model: str = "tiny", dtype:
                         reward=rm, value=value)
 
     # PROMPTS
-    texts = D.prompts_of(prompts.examples)
-    if not texts:
-        raise D.DataError(f"{prompts.source}: no prompts")
-    options = D.TokenizeOptions(max_prompt_len=data.max_prompt_len, max_response_len=1)
-    ids, stats = D.tokenize_prompts(texts, tokenizer, options)
-    print(f"prompts {prompts.source}: {stats.kept}/{stats.examples} kept, {stats.prompts_truncated} truncated "
-          f"from the left to {data.max_prompt_len} tokens, {stats.dropped_empty} empty dropped")
-    train_ids, eval_ids = D.train_eval_split(list(ids), eval_size=data.eval_size, seed=data.split_seed)
+    texts, train_ids, eval_ids = split_prompts(prompts, tokenizer, data)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     collate = functools.partial(D.batch_prompts, prompt_len=data.max_prompt_len, pad_id=pad_id)
     train_iter = D.BatchIterator(train_ids, loop.batch_size, collate, seed=loop.seed,
@@ -207,6 +227,7 @@ def train_policy(*, workdir: str, prompts: D.Loaded, model: str = "tiny", dtype:
     with open(os.path.join(workdir, "run_info.json"), "w") as f:
         json.dump(run_info, f, indent=2, default=str)
     if jax.process_index() == 0:
+        write_eval_prompts(os.path.join(workdir, EVAL_PROMPTS), eval_ids, tokenizer)
         print(f"memory: {stepper.memory()}")
     writer = MetricsWriter(workdir)
 

@@ -8,7 +8,7 @@ import os
 import pytest
 
 from pe_rlhf.data import sources
-from pe_rlhf.data.examples import DataError, LabeledExample, PreferenceExample, PromptResponse
+from pe_rlhf.data.examples import DataError, LabeledExample, PreferenceExample, Prompt, PromptResponse
 
 
 @pytest.fixture(scope="module")
@@ -104,6 +104,11 @@ def test_generic_jsonl_readers(tmp_path):
     assert sources.read_labeled_jsonl(str(lab)).examples == (LabeledExample("P", "R", 0.0),)
     sft = _write(tmp_path / "s.jsonl", [json.dumps({"prompt": "P", "response": "R"})])
     assert sources.read_sft_jsonl(sft).examples == (PromptResponse("P", "R"),)
+    prompts = _write(tmp_path / "q.jsonl", [json.dumps({"prompt": "P"}), json.dumps({"prompt": "Q", "response": "R"})])
+    assert sources.read_prompts_jsonl(prompts).examples == (Prompt("P"), Prompt("Q"))
+    bad = _write(tmp_path / "b.jsonl", [json.dumps({"prompt": "P"}), json.dumps({"text": "Q"})])
+    with pytest.raises(DataError, match=f"^{bad}:2: missing field 'prompt' \\(fields present: text\\)"):
+        sources.read_prompts_jsonl(bad)
 
 
 def test_identical_pairs_are_counted_skipped_and_logged(tmp_path, caplog):

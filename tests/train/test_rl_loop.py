@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pe_rlhf.data import toy
+from pe_rlhf.data import read_prompts_jsonl, toy
 from pe_rlhf.models import lora
 from pe_rlhf.train.optim import OptimizerConfig
 from pe_rlhf.train.policy import RLConfig
@@ -67,6 +67,9 @@ def test_remax_loop_resumes_exactly(tmp_path):
             "train/baseline_reward", "train/advantage_mean", "train/examples_per_s"} <= set(rows[0])
     samples = [json.loads(line) for line in open(tmp_path / "straight" / "samples_4.jsonl")]
     assert len(samples) == 8 and {"prompt", "response", "reward"} == set(samples[0])
+    # the held-out prompts, for a judged comparison: the ones the eval samples were answered on
+    held_out = read_prompts_jsonl(str(tmp_path / "straight" / "eval_prompts.jsonl")).examples
+    assert [e.prompt for e in held_out] == [s["prompt"] for s in samples]
 
 
 def test_ppo_loop_trains_a_value_adapter(tmp_path):
