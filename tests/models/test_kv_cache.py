@@ -148,3 +148,18 @@ def test_rematerialised_blocks_give_the_same_logits_and_gradients():
         return str(jax.make_jaxpr(jax.grad(lambda st: jnp.mean(nnx.merge(graphdef, st)(tokens))))(state))
 
     assert "remat" in grad_jaxpr(remat) and "remat" not in grad_jaxpr(plain)  # blocks really are recomputed
+
+
+@pytest.mark.parametrize("shape", [(8, 1), (2, 16), (4, 16), (3,)])
+@pytest.mark.parametrize("vocab", [1000, 999])
+def test_tied_logits_equal_the_plain_product(shape, vocab):
+    """The vocabulary split that decoding takes on the CPU (<= 32 rows, even vocabulary) changes no value."""
+    from pe_rlhf.models.transformer import _tied_logits
+
+    kx, ke = jax.random.split(jax.random.key(3))
+    x = jax.random.normal(kx, (*shape, 24))
+    emb = jax.random.normal(ke, (vocab, 24))
+    got = jax.jit(_tied_logits)(x, emb)
+    assert got.shape == (*shape, vocab) and got.dtype == jnp.float32
+    want = np.einsum("...d,vd->...v", np.asarray(x, np.float64), np.asarray(emb, np.float64))
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-4)
