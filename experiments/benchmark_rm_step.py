@@ -64,7 +64,8 @@ def _batch(tokenizer, pairs: int, seq_len: int, layout: str):
     return batch, functools.partial(steps.packed_pairwise_reward_loss, span=span), real
 
 
-def measure(mode: str, layout: str, *, model: str, pairs: int, seq_len: int, iters: int, rank: int) -> dict:
+def measure(mode: str, layout: str, *, model: str, pairs: int, seq_len: int, iters: int, rank: int,
+            trace_dir: str | None = None) -> dict:
     """One mode, in this process: compile, memory analysis, timing, RSS."""
     import jax
     from flax import nnx
@@ -110,6 +111,18 @@ def measure(mode: str, layout: str, *, model: str, pairs: int, seq_len: int, ite
         return metrics
 
     timing = time_step(step, (), warmup=1, iters=iters)
+    peak_rss = _peak_rss_bytes()  # before any tracing, whose buffers are not the step's
+    ops = None
+    if trace_dir:  # two more steps under the profiler, summarised by XLA operation
+        from pe_rlhf.profiling import trace
+        from pe_rlhf.profiling.ops import format_summary, op_time_summary
+
+        log_dir = os.path.join(trace_dir, f"{mode}_{layout}")
+        with trace(log_dir):
+            for _ in range(2):
+                jax.block_until_ready(step())
+        ops = op_time_summary(log_dir, steps=2)
+        print(f"{mode} {layout}: {format_summary(ops)}")
     count = lambda tree: int(sum(x.size for x in jax.tree.leaves(tree)))
     return {
         "mode": mode, "layout": layout, "real_tokens": real_tokens,
@@ -118,9 +131,10 @@ def measure(mode: str, layout: str, *, model: str, pairs: int, seq_len: int, ite
         "model": model, "pairs": pairs, "seq_len": seq_len, "lora_rank": rank if mode == "lora" else None,
         "trainable_params": count(state["trainable"]), "frozen_params": count(frozen),
         "median_step_s": timing.median_s, "step_s": list(timing.all_s), "compile_s": compile_s, "load_s": load_s,
-        "compiled_memory": memory.as_dict(), "peak_rss_bytes": _peak_rss_bytes(),
+        "compiled_memory": memory.as_dict(), "peak_rss_bytes": peak_rss,
         "rss_after_load_bytes": rss_after_load, "backend": jax.default_backend(),
         "devices": len(jax.devices()), "cpu_count": os.cpu_count(), "loadavg_at_end": os.getloadavg(),
+        "op_time": ops,
     }
 
 
@@ -147,13 +161,17 @@ def parse_args(argv=None):
     p.add_argument("--iters", type=int, default=5, help="timed steps after the compiling one (>= 5 for the record)")
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--out", default=None, help="write all results here as JSON")
+    p.add_argument("--trace", default=None, metavar="DIR",
+                   help="after timing, trace two more steps under DIR/<mode>_<layout> and print where the time "
+                        "goes by XLA operation (needs `pip install xprof`)")
     p.add_argument("--child_out", default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
 def main(argv=None):
     args = parse_args(argv)
-    common = dict(model=args.model, pairs=args.pairs, seq_len=args.seq_len, iters=args.iters, rank=args.rank)
+    common = dict(model=args.model, pairs=args.pairs, seq_len=args.seq_len, iters=args.iters, rank=args.rank,
+                  trace_dir=args.trace)
     if args.child_out:  # one mode, in the subprocess the parent started
         with open(args.child_out, "w") as f:
             json.dump(measure(args.modes[0], args.layouts[0], **common), f)
@@ -164,7 +182,7 @@ def main(argv=None):
             child_out = tmp.name
         cmd = [sys.executable, os.path.abspath(__file__), "--modes", mode, "--layouts", layout, "--model", args.model, "--pairs",
                str(args.pairs), "--seq_len", str(args.seq_len), "--iters", str(args.iters), "--rank", str(args.rank),
-               "--child_out", child_out]
+               "--child_out", child_out] + (["--trace", args.trace] if args.trace else [])
         proc = subprocess.run(cmd)
         if proc.returncode != 0:
             raise SystemExit(f"benchmark of mode {mode!r}, layout {layout!r} failed (exit {proc.returncode}); command: {' '.join(cmd)}")
