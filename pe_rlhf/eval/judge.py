@@ -110,6 +110,15 @@ def rate_with_ci(flags_N, z: float = 1.959963984540054) -> dict:
     return {"rate": k / n if n else float("nan"), "count": k, "n": n, "ci": [lo, hi]}
 
 
+def mean_with_ci(values_N, z: float = 1.959963984540054) -> dict:
+    """Mean of per-prompt values and its normal-approximation interval (mean +- z * sd / sqrt(n))."""
+    v = np.asarray(values_N, np.float64)
+    n = int(v.size)
+    mean = float(v.mean()) if n else float("nan")
+    half = z * float(v.std(ddof=1)) / math.sqrt(n) if n > 1 else float("nan")
+    return {"mean": mean, "n": n, "ci": [mean - half, mean + half]}
+
+
 # -- log-probability scoring of answers (jit) -------------------------------------------------------
 def answer_logprobs(model, tokens_BxT, mask_BxT, answer_start_B, answer_BxA, answer_mask_BxA):
     """log p(answer | prefix) summed over answer tokens: logp_B (float32).

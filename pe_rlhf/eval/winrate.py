@@ -191,20 +191,30 @@ def judge_responses(judge, prompts, policy_responses, baseline_responses, *, har
     # how often the judge picked the first slot in both orders (position bias, shows up as ties)
     summary["first_position_rate"] = float(np.mean((both["pref_policy_first"] == 1)
                                                    & (both["pref_policy_second"] == 1)))
+    # A soft preference beside the counts: half the difference of the two orders' margins, > 0 for the
+    # policy. A judge's position bias adds the same amount to both orders and cancels; a weak judge
+    # whose every verdict is a tie can still lean one way on average.
+    pref = J.mean_with_ci((both["margin_policy_first"] - both["margin_policy_second"]) / 2, z)
+    summary["preference_margin_mean"], summary["preference_margin_ci"] = pref["mean"], pref["ci"]
     names = {J.WIN: "win", J.TIE: "tie", J.LOSS: "loss"}
     records = [{"prompt": p, "policy": a, "baseline": b, "outcome": names[int(o)],
                 "margin_policy_first": float(m1), "margin_policy_second": float(m2)}
                for p, a, b, o, m1, m2 in zip(prompts, policy_responses, baseline_responses, both["outcome"],
                                              both["margin_policy_first"], both["margin_policy_second"])]
     if harmless:
+        margins = {}
         for side, responses in (("policy", policy_responses), ("baseline", baseline_responses)):
-            margins = judge.harmless(prompts, responses)
-            rate = J.rate_with_ci(margins > 0, z)
+            margins[side] = np.asarray(judge.harmless(prompts, responses), np.float64)
+            rate = J.rate_with_ci(margins[side] > 0, z)
             summary[f"harmless_rate_{side}"] = rate["rate"]
             summary[f"harmless_rate_{side}_ci"] = rate["ci"]
-            for rec, m in zip(records, margins):
+            summary[f"harmless_margin_mean_{side}"] = float(margins[side].mean())
+            for rec, m in zip(records, margins[side]):
                 rec[f"harmless_margin_{side}"] = float(m)
                 rec[f"harmless_{side}"] = bool(m > 0)
+        # paired over prompts: how much more harmless the judge finds the policy's response
+        diff = J.mean_with_ci(margins["policy"] - margins["baseline"], z)
+        summary["harmless_margin_diff_mean"], summary["harmless_margin_diff_ci"] = diff["mean"], diff["ci"]
     return summary, records
 
 
@@ -251,7 +261,12 @@ def judge_policies(*, workdir: str, policy: str, baseline: str, prompts: D.Loade
     print(f"| wins | ties | losses | win rate (95% Wilson CI) |\n|---|---|---|---|\n"
           f"| {summary['wins']} | {summary['ties']} | {summary['losses']} | "
           f"{summary['win_rate']:.3f} [{lo:.3f}, {hi:.3f}] |")
+    lo, hi = summary["preference_margin_ci"]
+    print(f"mean preference margin (position bias cancelled, > 0 favours the policy): "
+          f"{summary['preference_margin_mean']:.4f} [{lo:.4f}, {hi:.4f}]")
     if harmless:
+        lo, hi = summary["harmless_margin_diff_ci"]
         print(f"harmless rate: policy {summary['harmless_rate_policy']:.3f}, "
-              f"baseline {summary['harmless_rate_baseline']:.3f}")
+              f"baseline {summary['harmless_rate_baseline']:.3f}; harmless margin, policy - baseline: "
+              f"{summary['harmless_margin_diff_mean']:.4f} [{lo:.4f}, {hi:.4f}]")
     return summary

@@ -76,6 +76,13 @@ def test_wilson_interval_by_hand():
     assert rate["rate"] == 0.7 and rate["count"] == 7 and rate["ci"] == pytest.approx([0.396778, 0.892209], abs=2e-6)
 
 
+def test_mean_with_ci_by_hand():
+    # [1, 2, 3, 6]: mean 3, sample sd sqrt(14/3) = 2.160247, half-width 1.959964 * 2.160247 / 2 = 2.117003
+    m = J.mean_with_ci([1.0, 2.0, 3.0, 6.0])
+    assert m["mean"] == 3.0 and m["n"] == 4 and m["ci"] == pytest.approx([0.882997, 5.117003], abs=2e-6)
+    assert math.isnan(J.mean_with_ci([1.0])["ci"][0])
+
+
 def test_judge_config_checks_its_templates():
     with pytest.raises(ValueError, match="second"):
         J.JudgeConfig(pairwise_template="{prompt} {first}")

@@ -71,6 +71,10 @@ def test_reward_model_judge_prefers_the_higher_reward(gold_run, tmp_path):
     rows = [json.loads(line) for line in open(tmp_path / "judgements.jsonl")]
     np.testing.assert_allclose([r["margin_policy_first"] for r in rows], diff, atol=1e-4)
     np.testing.assert_allclose([r["margin_policy_second"] for r in rows], -diff, atol=1e-4)
+    # the soft preference of a reward judge is the mean reward difference, with a normal interval
+    assert s["preference_margin_mean"] == pytest.approx(diff.mean(), abs=1e-4)
+    half = 1.959963984540054 * diff.std(ddof=1) / np.sqrt(len(diff))
+    np.testing.assert_allclose(s["preference_margin_ci"], [diff.mean() - half, diff.mean() + half], atol=1e-4)
 
 
 def test_a_policy_against_itself_only_ties_even_under_a_biased_lm_judge(gold_run, tmp_path):
@@ -86,6 +90,11 @@ def test_a_policy_against_itself_only_ties_even_under_a_biased_lm_judge(gold_run
     first = np.mean([r["margin_policy_first"] > 0 for r in rows])
     assert s["first_position_rate"] == pytest.approx(first)
     assert s["harmless_rate_policy"] == s["harmless_rate_baseline"]
+    # position bias cancels in the soft preference: the same text against itself leans neither way
+    assert s["preference_margin_mean"] == pytest.approx(0.0, abs=1e-5)
+    assert s["harmless_margin_diff_mean"] == 0.0
+    h = [r["harmless_margin_policy"] for r in rows]
+    assert s["harmless_margin_mean_policy"] == pytest.approx(np.mean(h))
 
 
 def test_judge_config_runs_through_run_py(gold_run, tmp_path):
