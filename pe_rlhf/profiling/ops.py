@@ -47,10 +47,11 @@ def summarize_ops(events: list[dict], steps: int = 1, top: int = 15) -> dict:
         kind = re.sub(r"\.\d+$", "", e["name"])
         by_kind[kind] += e["dur"]
         count[kind] += 1
-    busy, (start, end) = 0.0, (None, None)
-    for s, e in sorted((e["ts"], e["ts"] + e["dur"]) for e in ops):
-        if start is None or s > end:
-            busy += 0.0 if start is None else end - start
+    intervals = sorted((e["ts"], e["ts"] + e["dur"]) for e in ops)
+    busy, (start, end) = 0.0, intervals[0]
+    for s, e in intervals[1:]:  # the union of the intervals: merge overlaps, add up the rest
+        if s > end:
+            busy += end - start
             start, end = s, e
         else:
             end = max(end, e)
