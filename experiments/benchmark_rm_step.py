@@ -13,7 +13,10 @@ jits the same donated step that `train_reward_model` runs (`train.sharded.sharde
   (`profiling.time_step`; the step state is carried from call to call, as in training);
 - the compiled step's per-device peak from XLA's memory analysis (arguments +
   outputs + temporaries - donated aliases);
-- the process peak RSS (`resource.getrusage`), which also covers loading the GGUF.
+- the process peak RSS (`resource.getrusage`), which also covers loading the GGUF;
+- the step's FLOP/s beside the machine's rate for one lone dot of the step's MLP shape
+  ([token slots, hidden] x [hidden, intermediate], `profiling.dot_rate`), measured in the same
+  process: how much of the machine the step uses, and a slower machine told from a slower step.
 The issue's target: LoRA (rank 8, attention) <= 3.5 s median at 4 pairs x 256 tokens on
 the 2-core CPU, where TRL's RewardTrainer with PEFT takes 7.1 s (11.5 s fully tuned).
 """
@@ -72,7 +75,7 @@ def measure(mode: str, layout: str, *, model: str, pairs: int, seq_len: int, ite
 
     from pe_rlhf.models.heads import RewardModel
     from pe_rlhf.models.lora import LoRAConfig
-    from pe_rlhf.profiling import compiled_memory, time_step
+    from pe_rlhf.profiling import compiled_memory, dot_rate, time_step
     from pe_rlhf.train import steps
     from pe_rlhf.train.sharded import sharded_train_step
     from pe_rlhf.train.optim import OptimizerConfig, make_optimizer
@@ -81,6 +84,7 @@ def measure(mode: str, layout: str, *, model: str, pairs: int, seq_len: int, ite
     t0 = time.perf_counter()
     tuning = TuningConfig(mode=mode, lora=LoRAConfig(rank=rank, alpha=2.0 * rank, targets="attention"))
     backbone, tokenizer = load_backbone(model, "float32")
+    model_cfg = backbone.config
     rm = RewardModel(backbone, adapters=("reward",) if mode == "lora" else None)
     prepare(rm, backbone, tuning, "reward")
     load_s = time.perf_counter() - t0
@@ -112,6 +116,9 @@ def measure(mode: str, layout: str, *, model: str, pairs: int, seq_len: int, ite
 
     timing = time_step(step, (), warmup=1, iters=iters)
     peak_rss = _peak_rss_bytes()  # before any tracing, whose buffers are not the step's
+    # the machine's rate for a lone dot of the step's MLP shape, measured now: the step's share of it
+    slots = int(sum(x.size for k, x in batch.items() if k.endswith(("tokens_BxT", "tokens_RxN"))))
+    dot_flops = dot_rate(slots, model_cfg.hidden_size, model_cfg.intermediate_size)
     ops = None
     if trace_dir:  # two more steps under the profiler, summarised by XLA operation
         from pe_rlhf.profiling import trace
@@ -124,10 +131,12 @@ def measure(mode: str, layout: str, *, model: str, pairs: int, seq_len: int, ite
         ops = op_time_summary(log_dir, steps=2)
         print(f"{mode} {layout}: {format_summary(ops)}")
     count = lambda tree: int(sum(x.size for x in jax.tree.leaves(tree)))
+    step_flops = compiled.cost_analysis().get("flops", float("nan"))
     return {
         "mode": mode, "layout": layout, "real_tokens": real_tokens,
-        "token_slots": int(sum(x.size for k, x in batch.items() if k.endswith(("tokens_BxT", "tokens_RxN")))),
-        "step_tflop": compiled.cost_analysis().get("flops", float("nan")) / 1e12,
+        "token_slots": slots,
+        "step_tflop": step_flops / 1e12,
+        "step_gflops_per_s": step_flops / timing.median_s / 1e9, "lone_dot_gflops_per_s": dot_flops / 1e9,
         "model": model, "pairs": pairs, "seq_len": seq_len, "lora_rank": rank if mode == "lora" else None,
         "trainable_params": count(state["trainable"]), "frozen_params": count(frozen),
         "median_step_s": timing.median_s, "step_s": list(timing.all_s), "compile_s": compile_s, "load_s": load_s,
@@ -142,11 +151,13 @@ def table(results: list[dict]) -> str:
     from pe_rlhf.profiling.memory import format_bytes
 
     lines = ["| mode | layout | token slots (real) | XLA TFLOP | trainable params | median step (s) | all steps (s) "
-             "| TRL (s) | compiled peak | peak RSS |", "|---|---|---|---:|---:|---:|---|---:|---:|---:|"]
+             "| TRL (s) | step GFLOP/s (lone MLP dot) | compiled peak | peak RSS |",
+             "|---|---|---|---:|---:|---:|---|---:|---:|---:|---:|"]
     for r in results:
         lines.append(f"| {r['mode']} | {r['layout']} | {r['token_slots']} ({r['real_tokens']}) | "
                      f"{r['step_tflop']:.3f} | {r['trainable_params']:,} | {r['median_step_s']:.2f} | "
                      f"{', '.join(f'{t:.2f}' for t in r['step_s'])} | {TRL_S.get(r['mode'], float('nan'))} | "
+                     f"{r['step_gflops_per_s']:.0f} ({r['lone_dot_gflops_per_s']:.0f}) | "
                      f"{format_bytes(r['compiled_memory']['peak_bytes'])} | {format_bytes(r['peak_rss_bytes'])} |")
     return "\n".join(lines)
 

@@ -20,11 +20,11 @@ from pe_rlhf.profiling.memory import (
     save_memory_profile,
     trace,
 )
-from pe_rlhf.profiling.timing import TimingReport, time_step
+from pe_rlhf.profiling.timing import TimingReport, dot_rate, time_step
 
 __all__ = [
     "GENERATIONS", "AotReport", "TopologyError", "TpuTopology", "aot_memory_report", "compile_for_topology",
     "hbm_bytes_per_device", "parse_topology", "topology", "topology_devices",
     "MemoryReport", "compiled_memory", "lower_and_compile", "runtime_peak_bytes", "save_memory_profile", "trace",
-    "TimingReport", "time_step",
+    "TimingReport", "dot_rate", "time_step",
 ]

@@ -8,7 +8,8 @@ Reads the trace with XProf (`pip install xprof`, not a dependency of the library
 durations of the XLA operations (thunks on the CPU, kernels elsewhere) by kind: the name without
 its numeric suffix (`ynn_fusion.322` -> `ynn_fusion`). On the CPU independent operations run on
 different threads at once, so the summed operation time can exceed the wall time; `busy_s` is the
-time during which at least one operation ran, and `concurrency` their ratio.
+time during which at least one operation ran, and `concurrency` their ratio. Each kind's share of
+the busy time (`wall_s`) says what the wall clock is spent on.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import re
 
 # profiler bookkeeping around the operations, not operations themselves
 _NOT_OPS = ("ThreadpoolListener", "ThunkExecutor", "$", "SlinkyThreadPool", "PjitFunction", "ParseArguments",
-            "CommonPjRtLoadedExecutable")
+            "CommonPjRtLoadedExecutable", "Wait for donation holds")
 
 
 def _trace_events(log_dir: str) -> list[dict]:
@@ -38,31 +39,46 @@ def _trace_events(log_dir: str) -> list[dict]:
 
 def summarize_ops(events: list[dict], steps: int = 1, top: int = 15) -> dict:
     """Per-step seconds by operation kind, the busy time and the mean concurrency of complete events
-    (`name`, `ts` and `dur` in microseconds, as in the trace-viewer format)."""
+    (`name`, `ts` and `dur` in microseconds, as in the trace-viewer format).
+
+    Each kind also gets `wall_s`, its share of the busy time (every instant split equally among the
+    operations running then; the kinds' shares add up to `busy_s`), and `alone_s`, the time it ran
+    with no other operation beside it (the other thread idle, unless the operation itself is
+    multi-threaded, as XLA:CPU's large dots are).
+    """
     ops = [e for e in events if not e["name"].startswith(_NOT_OPS)]
     if not ops:
         raise ValueError("the trace holds no XLA operations (was the step run inside the trace?)")
-    by_kind, count = collections.defaultdict(float), collections.Counter()
-    for e in ops:
-        kind = re.sub(r"\.\d+$", "", e["name"])
-        by_kind[kind] += e["dur"]
-        count[kind] += 1
-    intervals = sorted((e["ts"], e["ts"] + e["dur"]) for e in ops)
-    busy, (start, end) = 0.0, intervals[0]
-    for s, e in intervals[1:]:  # the union of the intervals: merge overlaps, add up the rest
-        if s > end:
-            busy += end - start
-            start, end = s, e
+    kinds = [re.sub(r"\.\d+$", "", e["name"]) for e in ops]
+    op_time, wall, alone = (collections.defaultdict(float) for _ in range(3))
+    count = collections.Counter(kinds)
+    for kind, e in zip(kinds, ops):
+        op_time[kind] += e["dur"]
+    # sweep the start and end points in time order; at equal times ends (-1) come before starts (+1)
+    timed = [(i, e) for i, e in enumerate(ops) if e["dur"] > 0]
+    points = sorted([(e["ts"], 1, i) for i, e in timed] + [(e["ts"] + e["dur"], -1, i) for i, e in timed])
+    running, last, busy = set(), points[0][0], 0.0
+    for t, change, i in points:
+        if running:
+            busy += t - last
+            for j in running:
+                wall[kinds[j]] += (t - last) / len(running)
+            if len(running) == 1:
+                alone[kinds[next(iter(running))]] += t - last
+        if change > 0:
+            running.add(i)
         else:
-            end = max(end, e)
-    busy += end - start
-    total = sum(by_kind.values())
-    kinds = sorted(by_kind.items(), key=lambda kv: -kv[1])[:top]
+            running.discard(i)
+        last = t
+    total = sum(op_time.values())
+    top_kinds = sorted(op_time.items(), key=lambda kv: -kv[1])[:top]
+    per_step = lambda us: us / 1e6 / steps
     return {
-        "op_s": total / 1e6 / steps,
-        "busy_s": busy / 1e6 / steps,
+        "op_s": per_step(total),
+        "busy_s": per_step(busy),
         "concurrency": total / busy,
-        "kinds": [{"kind": k, "s": v / 1e6 / steps, "share": v / total, "count": count[k] / steps} for k, v in kinds],
+        "kinds": [{"kind": k, "s": per_step(v), "share": v / total, "wall_s": per_step(wall[k]),
+                   "alone_s": per_step(alone[k]), "count": count[k] / steps} for k, v in top_kinds],
     }
 
 
@@ -73,7 +89,8 @@ def op_time_summary(log_dir: str, steps: int = 1, top: int = 15) -> dict:
 
 def format_summary(summary: dict) -> str:
     lines = [f"operations {summary['op_s']:.2f} s per step, busy {summary['busy_s']:.2f} s "
-             f"(concurrency {summary['concurrency']:.2f})", "| kind | s per step | share | per step |",
-             "|---|---:|---:|---:|"]
-    lines += [f"| {k['kind']} | {k['s']:.3f} | {k['share']:.1%} | {k['count']:g} |" for k in summary["kinds"]]
+             f"(concurrency {summary['concurrency']:.2f})",
+             "| kind | s per step | share | wall share (s) | alone (s) | per step |", "|---|---:|---:|---:|---:|---:|"]
+    lines += [f"| {k['kind']} | {k['s']:.3f} | {k['share']:.1%} | {k['wall_s']:.3f} | {k['alone_s']:.3f} | "
+              f"{k['count']:g} |" for k in summary["kinds"]]
     return "\n".join(lines)

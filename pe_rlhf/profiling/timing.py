@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable, Sequence
 
 import jax
+import jax.numpy as jnp
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,3 +42,15 @@ def time_step(fn: Callable, args: Sequence, warmup: int = 1, iters: int = 5) -> 
         jax.block_until_ready(fn(*args))
         times.append(time.perf_counter() - start)
     return TimingReport(median_s=statistics.median(times), all_s=tuple(times))
+
+
+def dot_rate(m: int, k: int, n: int, dtype=jnp.float32, iters: int = 5) -> float:
+    """FLOP/s of one lone jitted [m, k] x [k, n] dot on the default device (median of `iters` calls).
+
+    The machine's matmul rate at a step's shapes, measured beside the step: a step's FLOP/s over it
+    says how much of the machine the step uses, and it tells a slower machine from a slower step.
+    """
+    a = jnp.ones((m, k), dtype)
+    b = jnp.ones((k, n), dtype)
+    report = time_step(jax.jit(jnp.matmul), (a, b), warmup=1, iters=iters)
+    return 2.0 * m * k * n / report.median_s

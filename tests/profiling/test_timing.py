@@ -37,3 +37,19 @@ def test_bad_counts_are_errors():
         time_step(lambda: None, (), warmup=0)
     with pytest.raises(ValueError, match="iters=0"):
         time_step(lambda: None, (), iters=0)
+
+
+def test_dot_rate_is_the_dots_flops_over_its_median_time(monkeypatch):
+    from pe_rlhf.profiling import timing
+
+    seen = {}
+
+    def fake_time_step(fn, args, warmup, iters):
+        seen["shapes"], seen["iters"] = [a.shape for a in args], iters
+        return timing.TimingReport(median_s=0.25, all_s=(0.2, 0.25, 0.3))
+
+    monkeypatch.setattr(timing, "time_step", fake_time_step)
+    assert timing.dot_rate(8, 4, 2, iters=3) == 2 * 8 * 4 * 2 / 0.25
+    assert seen == {"shapes": [(8, 4), (4, 2)], "iters": 3}
+    monkeypatch.undo()
+    assert timing.dot_rate(64, 32, 16) > 0  # a real measurement
