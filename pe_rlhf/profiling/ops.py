@@ -56,6 +56,8 @@ def summarize_ops(events: list[dict], steps: int = 1, top: int = 15) -> dict:
         op_time[kind] += e["dur"]
     # sweep the start and end points in time order; at equal times ends (-1) come before starts (+1)
     timed = [(i, e) for i, e in enumerate(ops) if e["dur"] > 0]
+    if not timed:
+        raise ValueError(f"the trace's {len(ops)} XLA operations all last 0 us: nothing to summarise")
     points = sorted([(e["ts"], 1, i) for i, e in timed] + [(e["ts"] + e["dur"], -1, i) for i, e in timed])
     running, last, busy = set(), points[0][0], 0.0
     for t, change, i in points:

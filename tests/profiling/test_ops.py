@@ -46,6 +46,8 @@ def test_wall_shares_split_each_instant_among_the_running_operations():
 def test_summary_refuses_a_trace_without_operations(tmp_path):
     with pytest.raises(ValueError, match="no XLA operations"):
         summarize_ops([{"name": "ThunkExecutor::Execute", "ts": 0, "dur": 5}])
+    with pytest.raises(ValueError, match="2 XLA operations all last 0 us"):
+        summarize_ops([{"name": "ynn_fusion.1", "ts": 0, "dur": 0}, {"name": "copy_fusion.2", "ts": 3, "dur": 0}])
     from pe_rlhf.profiling.ops import op_time_summary
 
     with pytest.raises(FileNotFoundError, match="no \\*.xplane.pb trace"):
