@@ -13,6 +13,11 @@ Layout of every sequence: `[BOS] prompt | response [EOS]`.
 Examples whose response has no tokens are dropped, and so are pairs whose two
 responses are the same tokens after truncation (no preference is left); every
 truncation and drop is counted in `TokenStats`.
+
+A text far longer than its budget is not tokenised whole: a window at the end it
+keeps (a prompt's last characters, a response's first) is, grown until it gives
+`_MARGIN` tokens more than the budget; those next to the cut, which may differ from
+the whole text's, are dropped. So a 20 MB text costs about what its budget does.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ class TokenizeOptions:
     add_bos: bool = True  # prepend the tokenizer's BOS when it has one
     add_eos: bool = True  # append EOS to each response
     drop_overlong: bool = False  # drop instead of truncate
+    drop_long_responses: bool = False  # drop examples whose response (with EOS) does not fit; prompts may be cut
     eos_id: int | None = None  # overrides tokenizer.eos_token_id (e.g. Gemma's <end_of_turn>)
 
     def __post_init__(self):
@@ -84,10 +90,33 @@ class TokenizedSFT:
     response: Ids
 
 
-def _encode(tokenizer, texts: Sequence[str]) -> list[list[int]]:
-    if not texts:
-        return []
-    return [list(ids) for ids in tokenizer(list(texts), add_special_tokens=False)["input_ids"]]
+# Texts over `(limit + _MARGIN + 1) * WINDOW_CHARS_PER_TOKEN` characters are tokenised from a window of
+# that many (doubled while it gives too few tokens); 16 is several times the characters of a real token.
+WINDOW_CHARS_PER_TOKEN = 16
+_MARGIN = 8  # tokens next to a window's cut, dropped: a cut inside a word may tokenise it differently
+
+
+def _tokenize(tokenizer, texts: list[str]) -> list[list[int]]:
+    return [list(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]] if texts else []
+
+
+def _window(text: str, chars: int, keep: str) -> str:
+    return text[-chars:] if keep == "end" else text[:chars]
+
+
+def _encode(tokenizer, texts: Sequence[str], limit: int, keep: str) -> list[list[int]]:
+    """The ids of each text, or, for a text far over `limit` tokens, more than `limit` of the ids at the end
+    it keeps ("end": prompts, "start": responses), from a window of it (module docstring)."""
+    need = limit + _MARGIN + 1
+    chars = [need * WINDOW_CHARS_PER_TOKEN] * len(texts)
+    out = _tokenize(tokenizer, [_window(t, c, keep) for t, c in zip(texts, chars)])
+    for i, text in enumerate(texts):
+        while len(text) > chars[i] and len(out[i]) < need:  # too few tokens in the window: widen it
+            chars[i] *= 2
+            out[i] = _tokenize(tokenizer, [_window(text, chars[i], keep)])[0]
+        if len(text) > chars[i]:  # windowed: drop the tokens next to the cut
+            out[i] = out[i][_MARGIN:] if keep == "end" else out[i][:-_MARGIN]
+    return out
 
 
 def _special_ids(tokenizer, options: TokenizeOptions) -> tuple[int | None, int | None]:
@@ -132,7 +161,7 @@ class _Counter:
             c["dropped_empty"] += 1
             return False
         n_cut = sum(cut for _, cut in responses)
-        if options.drop_overlong and (prompt_cut or n_cut):
+        if (options.drop_overlong and (prompt_cut or n_cut)) or (options.drop_long_responses and n_cut):
             c["dropped_overlong"] += 1
             return False
         if len(responses) == 2 and responses[0][0] == responses[1][0]:
@@ -151,9 +180,9 @@ def tokenize_preferences(examples: Sequence[PreferenceExample], tokenizer,
                          options: TokenizeOptions = TokenizeOptions()) -> tuple[tuple[TokenizedPair, ...], TokenStats]:
     """Preference pairs -> token ids of the prompt and both responses, and what was cut or dropped."""
     bos, eos = _special_ids(tokenizer, options)
-    prompts = _encode(tokenizer, [e.prompt for e in examples])
-    chosen = _encode(tokenizer, [e.chosen for e in examples])
-    rejected = _encode(tokenizer, [e.rejected for e in examples])
+    prompts = _encode(tokenizer, [e.prompt for e in examples], options.max_prompt_len, "end")
+    chosen = _encode(tokenizer, [e.chosen for e in examples], options.max_response_len, "start")
+    rejected = _encode(tokenizer, [e.rejected for e in examples], options.max_response_len, "start")
     counter, out = _Counter(len(examples)), []
     for e, p, c, r in zip(examples, prompts, chosen, rejected):
         prompt, prompt_cut = _prompt(p, bos, options.max_prompt_len)
@@ -166,8 +195,8 @@ def tokenize_preferences(examples: Sequence[PreferenceExample], tokenizer,
 def _prompt_response(examples, tokenizer, options) -> tuple[list, TokenStats]:
     """[(example, prompt_ids, response_ids)] of the kept examples, and the stats."""
     bos, eos = _special_ids(tokenizer, options)
-    prompts = _encode(tokenizer, [e.prompt for e in examples])
-    responses = _encode(tokenizer, [e.response for e in examples])
+    prompts = _encode(tokenizer, [e.prompt for e in examples], options.max_prompt_len, "end")
+    responses = _encode(tokenizer, [e.response for e in examples], options.max_response_len, "start")
     counter, rows = _Counter(len(examples)), []
     for e, p, r in zip(examples, prompts, responses):
         prompt, prompt_cut = _prompt(p, bos, options.max_prompt_len)
@@ -200,7 +229,7 @@ def tokenize_prompts(prompts: Sequence[str], tokenizer,
     bos, _ = _special_ids(tokenizer, dataclasses.replace(options, add_eos=False))
     counts = dict(examples=len(prompts), kept=0, prompts_truncated=0, dropped_overlong=0, dropped_empty=0)
     out = []
-    for ids in _encode(tokenizer, prompts):
+    for ids in _encode(tokenizer, list(prompts), options.max_prompt_len, "end"):
         prompt, cut = _prompt(ids, bos, options.max_prompt_len)
         if not prompt:
             counts["dropped_empty"] += 1
