@@ -60,8 +60,13 @@ def next_token_loss(logits_BxTxV, tokens_BxT, loss_mask_BxT):
     `loss_mask_BxT` marks the tokens to be predicted (the response), so prompt tokens are
     never targets. Mean over counted tokens. Returns (loss, metrics) with the token count.
     """
-    logp_BxTm1 = token_logprobs(logits_BxTxV[:, :-1], tokens_BxT[:, 1:])
-    mask_BxTm1 = loss_mask_BxT[:, 1:].astype(jnp.float32)
-    count = jnp.maximum(mask_BxTm1.sum(), 1.0)
-    loss = -(logp_BxTm1 * mask_BxTm1).sum() / count
-    return loss, {"loss": loss, "tokens": mask_BxTm1.sum(), "perplexity": jnp.exp(loss)}
+    return masked_token_loss(logits_BxTxV[:, :-1], tokens_BxT[:, 1:], loss_mask_BxT[:, 1:])
+
+
+def masked_token_loss(logits_BxNxV, targets_BxN, mask_BxN):
+    """Cross-entropy of `targets` under `logits` (already aligned), mean over positions with mask."""
+    logp_BxN = token_logprobs(logits_BxNxV, targets_BxN)
+    mask_BxN = mask_BxN.astype(jnp.float32)
+    count = jnp.maximum(mask_BxN.sum(), 1.0)
+    loss = -(logp_BxN * mask_BxN).sum() / count
+    return loss, {"loss": loss, "tokens": mask_BxN.sum(), "perplexity": jnp.exp(loss)}

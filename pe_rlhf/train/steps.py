@@ -48,10 +48,28 @@ def packed_classification_reward_loss(model, batch, *, span: int):
                                             weights_B=batch["valid_RxP"].ravel())
 
 
-def sft_loss(model, batch):
-    """Next-token cross-entropy on response tokens of a Transformer."""
-    logits_BxTxV = model(batch["tokens_BxT"], input_mask_BxT=batch["mask_BxT"].astype(bool))
-    return losses.next_token_loss(logits_BxTxV, batch["tokens_BxT"], batch["response_mask_BxT"])
+def sft_loss(model, batch, *, response_window: int | None = None):
+    """Next-token cross-entropy on response tokens of a Transformer.
+
+    With `response_window` W (at least the longest response, e.g. `max_response_len`), the
+    vocabulary projection runs only at the W positions that predict each row's response, not at
+    every position: on a 262k vocabulary that projection dominates the step, and prompts are most
+    of each row. The loss is the same (the positions left out carry no target).
+    """
+    tokens_BxT, response_BxT = batch["tokens_BxT"], batch["response_mask_BxT"]
+    if response_window is None:
+        logits_BxTxV = model(tokens_BxT, input_mask_BxT=batch["mask_BxT"].astype(bool))
+        return losses.next_token_loss(logits_BxTxV, tokens_BxT, response_BxT)
+    h_BxTxD, _ = model.hidden(tokens_BxT, input_mask_BxT=batch["mask_BxT"].astype(bool))
+    t = tokens_BxT.shape[1]
+    start_B = jnp.argmax(response_BxT > 0, axis=1)  # first response token (0 for a row without one)
+    target_BxW = start_B[:, None] + jnp.arange(response_window)[None, :]
+    inside_BxW = target_BxW < t
+    target_BxW = jnp.minimum(target_BxW, t - 1)
+    h_BxWxD = jnp.take_along_axis(h_BxTxD, jnp.maximum(target_BxW - 1, 0)[..., None], axis=1)
+    logits_BxWxV = model.logits(h_BxWxD)
+    mask_BxW = jnp.take_along_axis(response_BxT, target_BxW, axis=1) * inside_BxW * (start_B > 0)[:, None]
+    return losses.masked_token_loss(logits_BxWxV, jnp.take_along_axis(tokens_BxT, target_BxW, axis=1), mask_BxW)
 
 
 # -- the step -------------------------------------------------------------------------------
