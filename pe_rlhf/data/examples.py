@@ -57,11 +57,13 @@ class Loaded:
 
     `skipped_identical` counts preference pairs whose chosen and rejected
     responses were the same text: they carry no preference and are left out.
+    `skipped_long` counts JSONL lines over the readers' byte limit (`sources.MAX_LINE_BYTES`), left unread.
     """
 
     examples: tuple
     source: str
     skipped_identical: int = 0
+    skipped_long: int = 0
 
     def __len__(self) -> int:
         return len(self.examples)
@@ -70,4 +72,6 @@ class Loaded:
         line = f"{self.source}: {len(self.examples)} examples"
         if self.skipped_identical:
             line += f", {self.skipped_identical} pairs skipped (chosen == rejected)"
+        if self.skipped_long:
+            line += f", {self.skipped_long} lines skipped (over the byte limit)"
         return line

@@ -32,7 +32,11 @@ blank lines skipped:
 
 Errors name the file and line (or example index) and the field. Pairs whose
 chosen and rejected responses are identical are skipped and counted in
-`Loaded.skipped_identical` (and logged).
+`Loaded.skipped_identical` (and logged). A JSONL line longer than `max_line_bytes`
+(default `MAX_LINE_BYTES`, 1 MiB) is skipped without being held in memory, logged
+with its file:line and counted in `Loaded.skipped_long`: its text would be cut to
+the token budget anyway, and parsing and tokenising it whole would cost memory and
+time in proportion to its size (one 20 MB line once took 69 s and 7.8 GB).
 """
 
 from __future__ import annotations
@@ -48,6 +52,8 @@ from typing import Iterator
 from pe_rlhf.data.examples import DataError, LabeledExample, Loaded, PreferenceExample, Prompt, PromptResponse
 
 ASSISTANT = "\n\nAssistant:"
+
+MAX_LINE_BYTES = 1 << 20  # longer JSONL lines are skipped and counted (readers' `max_line_bytes`)
 
 # Locations of the real sets, relative to the data directory (see ../shared/data/README.md).
 HH_HARMLESS = "hh_harmless/pairs.jsonl.gz"
@@ -74,27 +80,60 @@ def _check_file(path: str, what: str) -> str:
     return path
 
 
-def _json_lines(path: str) -> Iterator[tuple[str, dict]]:
-    """(where, row) for each non-blank line; `where` is "path:line"."""
-    opener = gzip.open if path.endswith(".gz") else open
-    with opener(path, "rb") as f:
-        for number, raw in enumerate(f, start=1):
-            where = f"{path}:{number}"
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise DataError(f"{where}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-            if not text.strip():
-                continue
-            try:
-                row = json.loads(text)
-            except json.JSONDecodeError as e:
-                raise DataError(
-                    f"{where}: malformed JSON ({e.msg} at column {e.colno}); each line must be one JSON object"
-                ) from None
-            if not isinstance(row, dict):
-                raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
-            yield where, row
+def _lines(f, limit: int) -> Iterator[tuple[int, bytes | None, int]]:
+    """(number, line, size) of each line of binary file `f`; line is None when it is over `limit` bytes
+    (newline excluded): such a line is passed over in 1 MiB reads, never held whole."""
+    number = 0
+    while raw := f.readline(limit + 1):
+        number += 1
+        if raw.endswith(b"\n") or len(raw) <= limit:
+            yield number, raw, len(raw)
+            continue
+        size = len(raw)
+        while not raw.endswith(b"\n") and (raw := f.readline(1 << 20)):
+            size += len(raw)
+        yield number, None, size - raw.endswith(b"\n")
+
+
+class _JsonLines:
+    """(where, row) for each non-blank line of a JSONL file, `where` being "path:line"; lines over
+    `max_line_bytes` are skipped, logged and counted in `skipped`."""
+
+    def __init__(self, path: str, max_line_bytes: int | None = None):
+        self.path, self.limit, self.skipped = path, max_line_bytes or MAX_LINE_BYTES, 0
+
+    def __iter__(self) -> Iterator[tuple[str, dict]]:
+        opener = gzip.open if self.path.endswith(".gz") else open
+        with opener(self.path, "rb") as f:
+            for number, raw, size in _lines(f, self.limit):
+                where = f"{self.path}:{number}"
+                if raw is None:
+                    self.skipped += 1
+                    logging.warning("%s: skipped a line of %d bytes, over the %d-byte limit (the reader's "
+                                    "max_line_bytes, default sources.MAX_LINE_BYTES)", where, size, self.limit)
+                    continue
+                row = _row(raw, where)
+                if row is not None:
+                    yield where, row
+
+
+def _row(raw: bytes, where: str) -> dict | None:
+    """The JSON object of one line, or None for a blank line."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{where}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    if not text.strip():
+        return None
+    try:
+        row = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataError(
+            f"{where}: malformed JSON ({e.msg} at column {e.colno}); each line must be one JSON object"
+        ) from None
+    if not isinstance(row, dict):
+        raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
+    return row
 
 
 def _text(row: dict, name: str, where: str) -> str:
@@ -117,13 +156,15 @@ def _number(row: dict, name: str, where: str, default: float | None = None) -> f
     return float(value)
 
 
-def _finish(examples: list, source: str, skipped_identical: int = 0) -> Loaded:
-    if not examples and not skipped_identical:
+def _finish(examples: list, source: str, skipped_identical: int = 0, skipped_long: int = 0) -> Loaded:
+    if not examples and not (skipped_identical or skipped_long):
         raise DataError(f"{source}: no examples (the file is empty)")
     if not examples:
-        raise DataError(f"{source}: no usable examples (all {skipped_identical} pairs have chosen == rejected)")
-    loaded = Loaded(tuple(examples), source, skipped_identical)
-    if skipped_identical:
+        why = ([f"{skipped_identical} pairs have chosen == rejected"] if skipped_identical else []) + (
+            [f"{skipped_long} lines are over the byte limit"] if skipped_long else [])
+        raise DataError(f"{source}: no usable examples (all {' and '.join(why)})")
+    loaded = Loaded(tuple(examples), source, skipped_identical, skipped_long)
+    if skipped_identical or skipped_long:
         logging.warning("%s", loaded.summary())
     return loaded
 
@@ -144,17 +185,17 @@ def split_dialogues(chosen: str, rejected: str, where: str = "pair") -> tuple[st
     return chosen[:cut], chosen[cut:], rejected[cut:]
 
 
-def read_hh_harmless(path: str) -> Loaded:
+def read_hh_harmless(path: str, max_line_bytes: int | None = None) -> Loaded:
     """Anthropic HH pairs (whole dialogues in chosen/rejected) -> `PreferenceExample`s."""
     path = _check_file(path, f"the Anthropic HH pairs file ({HH_HARMLESS} in the data directory)")
-    examples, identical = [], 0
-    for where, row in _json_lines(path):
+    examples, identical, lines = [], 0, _JsonLines(path, max_line_bytes)
+    for where, row in lines:
         chosen, rejected = _text(row, "chosen", where), _text(row, "rejected", where)
         if chosen == rejected:
             identical += 1
             continue
         examples.append(PreferenceExample(*split_dialogues(chosen, rejected, where)))
-    return _finish(examples, path, identical)
+    return _finish(examples, path, identical, lines.skipped)
 
 
 # ---------------------------------------------------------------------------- Taskmaster
@@ -244,45 +285,48 @@ def read_taskmaster(path: str) -> Loaded:
 # ---------------------------------------------------------------------------- generic JSONL
 
 
-def read_preference_jsonl(path: str) -> Loaded:
+def read_preference_jsonl(path: str, max_line_bytes: int | None = None) -> Loaded:
     """`{prompt, chosen, rejected[, margin]}` lines -> `PreferenceExample`s (identical pairs skipped, counted)."""
     path = _check_file(path, "a JSONL file of {prompt, chosen, rejected[, margin]} objects")
-    examples, identical = [], 0
-    for where, row in _json_lines(path):
+    examples, identical, lines = [], 0, _JsonLines(path, max_line_bytes)
+    for where, row in lines:
         prompt, chosen, rejected = (_text(row, k, where) for k in ("prompt", "chosen", "rejected"))
         margin = _number(row, "margin", where, default=0.0)
         if chosen == rejected:
             identical += 1
             continue
         examples.append(PreferenceExample(prompt, chosen, rejected, margin))
-    return _finish(examples, path, identical)
+    return _finish(examples, path, identical, lines.skipped)
 
 
-def read_labeled_jsonl(path: str) -> Loaded:
+def read_labeled_jsonl(path: str, max_line_bytes: int | None = None) -> Loaded:
     """`{prompt, response, label}` lines -> `LabeledExample`s."""
     path = _check_file(path, "a JSONL file of {prompt, response, label} objects")
+    lines = _JsonLines(path, max_line_bytes)
     examples = [
         LabeledExample(_text(row, "prompt", where), _text(row, "response", where), _number(row, "label", where))
-        for where, row in _json_lines(path)
+        for where, row in lines
     ]
-    return _finish(examples, path)
+    return _finish(examples, path, skipped_long=lines.skipped)
 
 
-def read_sft_jsonl(path: str) -> Loaded:
+def read_sft_jsonl(path: str, max_line_bytes: int | None = None) -> Loaded:
     """`{prompt, response}` lines -> `PromptResponse`s."""
     path = _check_file(path, "a JSONL file of {prompt, response} objects")
-    examples = [PromptResponse(_text(row, "prompt", where), _text(row, "response", where))
-                for where, row in _json_lines(path)]
-    return _finish(examples, path)
+    lines = _JsonLines(path, max_line_bytes)
+    examples = [PromptResponse(_text(row, "prompt", where), _text(row, "response", where)) for where, row in lines]
+    return _finish(examples, path, skipped_long=lines.skipped)
 
 
-def read_prompts_jsonl(path: str) -> Loaded:
+def read_prompts_jsonl(path: str, max_line_bytes: int | None = None) -> Loaded:
     """`{prompt}` lines -> `Prompt`s (RL and evaluation prompt sets; other fields are ignored).
 
     An RL workdir's `eval_prompts.jsonl` is such a file: the held-out prompts its run never trained on.
     """
     path = _check_file(path, "a JSONL file of {prompt} objects")
-    return _finish([Prompt(_text(row, "prompt", where)) for where, row in _json_lines(path)], path)
+    lines = _JsonLines(path, max_line_bytes)
+    examples = [Prompt(_text(row, "prompt", where)) for where, row in lines]
+    return _finish(examples, path, skipped_long=lines.skipped)
 
 
 # ---------------------------------------------------------------------------- derived sets

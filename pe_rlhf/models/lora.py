@@ -36,6 +36,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from pe_rlhf.config_checks import check_fields, choice, integer, number, text
 from pe_rlhf.models.transformer import Linear, Transformer
 
 log = logging.getLogger(__name__)
@@ -75,12 +76,8 @@ class LoRAConfig:
     param_dtype: str = "float32"  # adapters (and so their optimizer state) stay fp32 under a bf16 base
 
     def __post_init__(self):
-        if not isinstance(self.rank, int) or self.rank <= 0:
-            raise LoRAError(f"LoRAConfig.rank must be a positive integer, got {self.rank!r}")
-        if self.param_dtype not in ("float32", "bfloat16", "float16"):
-            raise LoRAError(f"LoRAConfig.param_dtype must be float32, bfloat16 or float16, got {self.param_dtype!r}")
-        if self.alpha <= 0:
-            raise LoRAError(f"LoRAConfig.alpha must be positive, got {self.alpha!r}")
+        check_fields(self, LoRAError, rank=integer(ge=1), alpha=number(gt=0), targets=text(),
+                     param_dtype=choice("float32", "bfloat16", "float16"))
         try:
             re.compile(self.regex)
         except re.error as e:

@@ -17,6 +17,8 @@ import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import Mesh
 
+from pe_rlhf.config_checks import check_fields, choice, either, integer
+
 MESH_AXES = ("data", "fsdp", "tensor")
 
 
@@ -35,15 +37,17 @@ class MeshConfig:
     fsdp: int = 1
     tensor: int = 1
 
+    def __post_init__(self):
+        size = either(integer(ge=1), choice(-1))  # -1: the rest of the devices
+        check_fields(self, MeshError, data=size, fsdp=size, tensor=size)
+        free = [k for k in MESH_AXES if getattr(self, k) == -1]
+        if len(free) > 1:
+            raise MeshError(f"{self}: at most one axis may be -1 (the rest), got {', '.join(free)}")
+
     def shape(self, num_devices: int) -> tuple[int, int, int]:
         """The concrete axis sizes for `num_devices` devices, or a `MeshError` saying why not."""
         sizes = {"data": self.data, "fsdp": self.fsdp, "tensor": self.tensor}
-        bad = {k: v for k, v in sizes.items() if v == 0 or v < -1}
-        if bad:
-            raise MeshError(f"MeshConfig{sizes}: axis sizes must be positive or -1 (the rest); got {bad}")
         free = [k for k, v in sizes.items() if v == -1]
-        if len(free) > 1:
-            raise MeshError(f"MeshConfig{sizes}: at most one axis may be -1, got {free}")
         fixed = math.prod(v for v in sizes.values() if v != -1)
         if free:
             if num_devices % fixed:

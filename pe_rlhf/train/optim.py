@@ -7,6 +7,8 @@ import dataclasses
 import jax
 import optax
 
+from pe_rlhf.config_checks import check_fields, choice, integer, number, optional
+
 
 @dataclasses.dataclass(frozen=True)
 class OptimizerConfig:
@@ -28,10 +30,11 @@ class OptimizerConfig:
     head_learning_rate: float | None = None
 
     def __post_init__(self):
-        if self.schedule not in ("cosine", "linear", "constant"):
-            raise ValueError(f"OptimizerConfig.schedule={self.schedule!r}; choose cosine, linear or constant")
-        if self.grad_accum_steps < 1:
-            raise ValueError(f"OptimizerConfig.grad_accum_steps={self.grad_accum_steps} must be >= 1")
+        check_fields(self, learning_rate=number(gt=0), schedule=choice("cosine", "linear", "constant"),
+                     warmup_steps=integer(ge=0), total_steps=integer(ge=1), end_lr_fraction=number(ge=0, le=1),
+                     weight_decay=number(ge=0), max_grad_norm=optional(number(gt=0)), b1=number(ge=0, lt=1),
+                     b2=number(ge=0, lt=1), eps=number(ge=0), grad_accum_steps=integer(ge=1),
+                     head_learning_rate=optional(number(gt=0)))
 
 
 def learning_rate_schedule(cfg: OptimizerConfig) -> optax.Schedule:
@@ -78,3 +81,17 @@ def make_optimizer(cfg: OptimizerConfig) -> optax.GradientTransformation:
     if cfg.grad_accum_steps > 1:
         tx = optax.MultiSteps(tx, every_k_schedule=cfg.grad_accum_steps).gradient_transformation()
     return tx
+
+
+def guard_nonfinite(tx: optax.GradientTransformation) -> optax.GradientTransformation:
+    """Skip (and count, in the optimizer state) any update whose gradients are not finite.
+
+    A NaN or inf loss or reward makes the gradient non-finite: the step leaves the trainable
+    parameters and Adam moments unchanged. The training loop stops after too many in a row.
+    """
+    return optax.apply_if_finite(tx, max_consecutive_errors=1_000_000)
+
+
+def nonfinite_updates(opt_state) -> tuple[int, int]:
+    """(skipped in a row now, skipped in all) by `guard_nonfinite`."""
+    return int(opt_state.notfinite_count), int(opt_state.total_notfinite)

@@ -26,10 +26,12 @@ import optax
 from flax import nnx
 
 from pe_rlhf import rl
+from pe_rlhf.config_checks import boolean, check_fields, choice, integer, number, optional
 from pe_rlhf.models.heads import RewardModel
 from pe_rlhf.models.lora import use_adapters
 from pe_rlhf.models.transformer import Transformer
 from pe_rlhf.sampling.sampler import SamplingConfig, sample_traced
+from pe_rlhf.train.optim import guard_nonfinite, nonfinite_updates  # noqa: F401 (guard_nonfinite re-exported)
 
 ALGORITHMS = ("remax", "reinforce", "rloo", "grpo", "ppo")
 
@@ -63,13 +65,15 @@ class RLConfig:
     lam: float = rl.PPOOptions.lam
 
     def __post_init__(self):
-        if self.algorithm not in ALGORITHMS:
-            raise ValueError(f"RLConfig.algorithm={self.algorithm!r}; choose one of {', '.join(ALGORITHMS)}")
+        check_fields(self, algorithm=choice(*ALGORITHMS), samples_per_prompt=integer(ge=1),
+                     baseline_decay=optional(number(ge=0, le=1)), kl_beta=number(ge=0), kl_in_reward=boolean(),
+                     max_new_tokens=integer(ge=1), temperature=number(ge=0), top_k=optional(integer(ge=1)),
+                     top_p=optional(number(gt=0, le=1)), loss_normalization=choice("sequence", "token"),
+                     ppo_epochs=integer(ge=1), value_coef=number(ge=0), clip_epsilon=number(gt=0),
+                     value_clip_epsilon=number(gt=0), gamma=number(ge=0, le=1), lam=number(ge=0, le=1))
         if self.algorithm in ("rloo", "grpo") and self.samples_per_prompt < 2:
             raise ValueError(f"RLConfig.algorithm={self.algorithm!r} needs samples_per_prompt >= 2, "
                              f"got {self.samples_per_prompt}")
-        if self.loss_normalization not in ("sequence", "token"):
-            raise ValueError(f"RLConfig.loss_normalization={self.loss_normalization!r}; choose sequence or token")
 
     @property
     def greedy_baseline(self) -> bool:
@@ -322,15 +326,6 @@ def ppo_step(trainable, opt_state, frozen, rl_state, batch, rng, *, graphdef, tx
     return trainable, opt_state, rl_state, metrics
 
 
-def guard_nonfinite(tx: optax.GradientTransformation) -> optax.GradientTransformation:
-    """Skip (and count, in the optimizer state) any update whose gradients are not finite.
-
-    A NaN or inf reward makes the gradient non-finite: the step leaves adapters and
-    Adam moments unchanged and training goes on.
-    """
-    return optax.apply_if_finite(tx, max_consecutive_errors=1_000_000)
-
-
 def skipped_steps(opt_state) -> int:
     """How many updates `guard_nonfinite` has skipped so far."""
-    return int(opt_state.total_notfinite)
+    return nonfinite_updates(opt_state)[1]

@@ -85,3 +85,68 @@ def test_rl_prompts_cut_from_the_left(tokenizer):
 def test_options_are_checked():
     with pytest.raises(ValueError, match="TokenizeOptions.max_response_len must be at least 1, got 0"):
         TokenizeOptions(max_prompt_len=4, max_response_len=0)
+
+
+class CountingTokenizer:
+    """One token per character (id 3 + ord % 7); counts the characters it is given."""
+
+    bos_token_id, eos_token_id = 1, 2
+
+    def __init__(self):
+        self.chars = 0
+
+    def __call__(self, texts, add_special_tokens=False):
+        self.chars += sum(len(t) for t in texts)
+        return {"input_ids": [[3 + ord(c) % 7 for c in t] for t in texts]}
+
+
+def test_a_huge_text_is_tokenised_only_near_the_end_it_keeps():
+    """A 20 MB prompt and response cost their budgets' windows, not their length: the prompt keeps its
+    last tokens, the response its first, exactly as if the whole text had been tokenised and cut."""
+    from pe_rlhf.data import tokenize as T
+
+    prompt, response = "abc" * 7_000_000 + "xyz", "uvw" + "abc" * 7_000_000
+    tok = CountingTokenizer()
+    opts = TokenizeOptions(max_prompt_len=256, max_response_len=128)
+    rows, stats = tokenize_sft([PromptResponse(prompt, response)], tok, opts)
+    assert tok.chars == (256 + 8 + 1) * T.WINDOW_CHARS_PER_TOKEN + (128 + 8 + 1) * T.WINDOW_CHARS_PER_TOKEN == 6432
+    ids = lambda text: [3 + ord(c) % 7 for c in text]
+    assert rows == (TokenizedSFT(prompt=(1, *ids(prompt[-255:])), response=tuple(ids(response[:128]))),)
+    assert stats == TokenStats(examples=1, kept=1, prompts_truncated=1, responses_truncated=1)
+    tok.chars = 0
+    prompts, _ = tokenize_prompts([prompt], tok, opts)
+    assert prompts == ((1, *ids(prompt[-255:])),) and tok.chars == (256 + 8 + 1) * 16
+
+
+def test_a_window_with_too_few_tokens_grows_to_the_whole_text(tokenizer):
+    """Three words and a million spaces: the prompt's end window holds no token, so it widens until it
+    holds the whole text, which gives the same ids as tokenising it whole."""
+    opts = TokenizeOptions(max_prompt_len=4, max_response_len=3)
+    rows, stats = tokenize_sft([PromptResponse("b c d" + " " * 1_000_000, "e" + " " * 1_000_000 + "f g h")],
+                               tokenizer, opts)
+    assert rows == (TokenizedSFT((2, 5, 6, 7), (8, 9, 10)),)
+    assert stats == TokenStats(examples=1, kept=1, responses_truncated=1)
+
+
+def test_windows_give_the_ids_of_the_whole_text(tokenizer):
+    """Long texts of words, cut inside a word by the window: the same ids as the whole text, cut."""
+    import random
+
+    from pe_rlhf.data import tokenize as T
+    from tests.data.tiny import make_byte_tokenizer
+
+    rng = random.Random(0)
+    words = lambda n: " ".join(rng.choice("a b c d e f g h i j".split()) for _ in range(n))
+    examples = [PromptResponse(words(n), words(m)) for n, m in [(5, 3), (3000, 2000), (10, 5000), (400, 400)]]
+    examples += [PromptResponse("héllo wörld " * n, "ünïcode ✓ text " * m) for n, m in [(500, 700), (2000, 3)]]
+    opts = TokenizeOptions(max_prompt_len=16, max_response_len=8)
+    assert sum(len(e.prompt) > (16 + 9) * T.WINDOW_CHARS_PER_TOKEN for e in examples) == 4  # windowed prompts
+    for tok in (tokenizer, make_byte_tokenizer()):
+        windowed = tokenize_sft(examples, tok, opts)
+        T.WINDOW_CHARS_PER_TOKEN, default = 10**12, T.WINDOW_CHARS_PER_TOKEN  # no window: every text whole
+        try:
+            whole = tokenize_sft(examples, tok, opts)
+        finally:
+            T.WINDOW_CHARS_PER_TOKEN = default
+        assert windowed == whole
+        assert windowed[1].responses_truncated == 5

@@ -283,11 +283,12 @@ def test_errors_name_the_problem():
     model = Transformer(CFG)
     with pytest.raises(LoRAError, match=r"targets 'x_proj'.*match no projection.*layers\.0\.attn\.q_proj"):
         add_lora(model, "policy", LoRAConfig(targets="x_proj"))
-    with pytest.raises(LoRAError, match=r"rank must be a positive integer, got 0"):
+    with pytest.raises(LoRAError, match=r"^LoRAConfig.rank=0: expected an integer >= 1$"):
         LoRAConfig(rank=0)
-    with pytest.raises(LoRAError, match=r"rank must be a positive integer, got -2"):
+    with pytest.raises(LoRAError, match=r"^LoRAConfig.rank=-2: expected an integer >= 1$"):
         LoRAConfig(rank=-2)
-    with pytest.raises(LoRAError, match=r"param_dtype must be float32, bfloat16 or float16, got 'int8'"):
+    with pytest.raises(LoRAError, match=r"^LoRAConfig.param_dtype='int8': expected one of 'float32', 'bfloat16', "
+                                        r"'float16'$"):
         LoRAConfig(param_dtype="int8")
     # k_proj is [64, 32]: rank 40 fits q and o ([64, 64]) but not k
     with pytest.raises(LoRAError, match=r"rank 40 .* parameter layers\.0\.attn\.k_proj\.kernel of shape \[64, 32\]"):

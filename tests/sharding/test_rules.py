@@ -55,12 +55,22 @@ def test_mesh_sizes_and_axes():
 @pytest.mark.parametrize("config, needle", [
     (MeshConfig(data=3), "multiply to 3 but there are 8 devices"),
     (MeshConfig(data=-1, tensor=3), "multiply to 3, which does not divide the 8 devices"),
-    (MeshConfig(data=-1, fsdp=-1), "at most one axis may be -1"),
-    (MeshConfig(data=0), "positive or -1"),
 ])
 def test_mesh_that_does_not_fit_the_devices_is_a_clear_error(config, needle):
     with pytest.raises(MeshError, match=needle):
         make_mesh(config)
+
+
+@pytest.mark.parametrize("sizes, message", [
+    (dict(data=-1, fsdp=-1),
+     "MeshConfig(data=-1, fsdp=-1, tensor=1): at most one axis may be -1 (the rest), got data, fsdp"),
+    (dict(data=0), "MeshConfig.data=0: expected an integer >= 1 or -1"),
+    (dict(tensor=2.0), "MeshConfig.tensor=2.0: expected an integer >= 1 or -1"),
+])
+def test_mesh_config_with_impossible_sizes_fails_when_built(sizes, message):
+    with pytest.raises(MeshError) as e:
+        MeshConfig(**sizes)
+    assert str(e.value) == message
 
 
 # -- rules ------------------------------------------------------------------------------

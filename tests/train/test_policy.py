@@ -139,7 +139,8 @@ def test_group_algorithms_run_and_center_advantages(algorithm):
 def test_bad_config_is_a_clear_error():
     with pytest.raises(ValueError, match="samples_per_prompt >= 2"):
         RLConfig(algorithm="rloo")
-    with pytest.raises(ValueError, match="remax, reinforce, rloo, grpo"):
+    with pytest.raises(ValueError, match="^RLConfig.algorithm='ppo2': expected one of 'remax', 'reinforce', 'rloo', "
+                                         "'grpo', 'ppo'$"):
         RLConfig(algorithm="ppo2")
 
 
