@@ -7,15 +7,20 @@ itself is left unchanged. With no adapter named it writes the base model.
 
 `export_peft` writes `adapter_config.json` + `adapter_model.safetensors` that
 `peft.PeftModel.from_pretrained(hf_model, directory)` loads on top of that base.
+
+`export_reward_head` writes a reward model's scalar head beside a JSON that says how
+to apply it to the merged backbone's last hidden state.
 Names and orientation come from `pe_rlhf.checkpoints.hf.hf_names`, the one table
 between our parameter paths and HF names.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
+import shutil
 
 import jax.numpy as jnp
 import numpy as np
@@ -135,10 +140,36 @@ def export_merged(model, directory: str, *adapters: str, hf_config: dict | None 
     plain = lora.merged_model(model, *adapters)
     config = dict(hf_config) if hf_config is not None else hf_config_dict(model.config)
     config["dtype"] = jnp.dtype(model.dtype).name
-    _save(hf.state_dict(plain), directory, "model.safetensors", config, "config.json")
-    if tokenizer is not None:
-        tokenizer.save_pretrained(directory)
+    with _atomic_directory(directory) as tmp:
+        _save(hf.state_dict(plain), tmp, "model.safetensors", config, "config.json")
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
     return directory
+
+
+@contextlib.contextmanager
+def _atomic_directory(directory: str):
+    """Yield a temporary sibling of `directory` to fill; on success it replaces `directory` whole.
+
+    A process killed while writing leaves only `<directory>.tmp-<pid>` behind, never a half-written
+    `directory`, so "the export exists" means "the export is complete".
+    """
+    directory = os.path.abspath(directory)
+    tmp = f"{directory}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if os.path.isdir(directory):
+        old = f"{directory}.old-{os.getpid()}"
+        os.replace(directory, old)
+        os.replace(tmp, directory)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, directory)
 
 
 def _target_modules(modules: list[str], all_modules: list[str]) -> list[str] | str:
@@ -195,4 +226,36 @@ def export_peft(model, name: str, directory: str, *, base_model_name_or_path: st
     return directory
 
 
-__all__ = ["ExportError", "export_merged", "export_peft", "hf_config_dict"]
+REWARD_HEAD = "reward_head.safetensors"
+
+
+def export_reward_head(head, directory: str, *, backbone: str | None = None, bos_token_id: int | None = None,
+                       eos_token_id: int | None = None) -> str:
+    """Write a reward model's `ScalarHead` as `reward_head.safetensors` + `reward_head.json`; returns `directory`.
+
+    The tensors are `weight` [D] and `bias` [] in float32; the JSON says how to apply them: the score of
+    a text is `hidden · weight + bias` on the final-norm hidden state of its last real token, the text
+    laid out as in training, `[BOS] prompt response [EOS]`. In transformers the hidden states are
+    `AutoModelForCausalLM.from_pretrained(backbone).model(input_ids, attention_mask=...).last_hidden_state`,
+    `backbone` being the merged export of the same run.
+    """
+    weight = np.asarray(head.kernel.get_value(), np.float32)
+    bias = np.asarray(head.bias.get_value(), np.float32)
+    config = {
+        "type": "scalar_reward_head",
+        "hidden_size": int(weight.shape[0]),
+        "tensors": {"weight": [int(weight.shape[0])], "bias": []},
+        "backbone": backbone,
+        "input": "final-norm hidden state of the last real (unpadded) token: in transformers, "
+                 "AutoModelForCausalLM.from_pretrained(backbone).model(input_ids, attention_mask=mask)"
+                 ".last_hidden_state[b, last]",
+        "score": "hidden.float() @ weight + bias",
+        "text_layout": "[BOS] prompt response [EOS], each text encoded with add_special_tokens=False",
+        "bos_token_id": bos_token_id,
+        "eos_token_id": eos_token_id,
+    }
+    _save({"weight": weight, "bias": bias}, directory, REWARD_HEAD, config, "reward_head.json")
+    return directory
+
+
+__all__ = ["ExportError", "export_merged", "export_peft", "export_reward_head", "hf_config_dict"]

@@ -23,7 +23,6 @@ import dataclasses
 import itertools
 import json
 import os
-import time
 import traceback
 from typing import Callable, Sequence
 
@@ -34,7 +33,7 @@ from flax import nnx
 from pe_rlhf.data import toy
 from pe_rlhf.eval import judge as J
 from pe_rlhf.eval import winrate as W
-from pe_rlhf.train.pipeline import finished_summary
+from pe_rlhf.train.stages import run_stage
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,14 +141,14 @@ def run_gold_benchmark(workdir: str, cfg: GoldBenchmarkConfig = GoldBenchmarkCon
 
     # SFT: the starting policy, fully tuned from the random tiny model
     sft_dir = os.path.join(workdir, "sft")
-    t0 = time.perf_counter()
-    sft = finished_summary(sft_dir) or train_sft(
-        workdir=sft_dir, dataset=toy.sft_demonstrations(n=cfg.num_sft_examples, seed=cfg.seed + 1),
+    record = run_stage(
+        "sft", sft_dir, train_sft, outputs=("summary.json", "export/config.json", "export/model.safetensors"),
+        dataset=toy.sft_demonstrations(n=cfg.num_sft_examples, seed=cfg.seed + 1),
         model=cfg.model, tuning=TuningConfig(mode="full"), loop=loop(cfg.sft_steps), data=data,
         optimizer=OptimizerConfig(learning_rate=cfg.sft_lr, warmup_steps=min(20, cfg.sft_steps // 10),
                                   total_steps=cfg.sft_steps))
-    seconds["sft"] = time.perf_counter() - t0
-    export = sft.get("export", os.path.join(sft_dir, "export"))
+    seconds["sft"] = record["seconds"]
+    export = os.path.join(sft_dir, "export")
     model, tokenizer, _ = W.load_policy(sft_dir)
     sft_eval = policy_gold(model, tokenizer, prompts, gold, **measure)
 
@@ -157,13 +156,13 @@ def run_gold_benchmark(workdir: str, cfg: GoldBenchmarkConfig = GoldBenchmarkCon
     rms = {}
     for tuning in cfg.rm_tunings:
         rm_dir = os.path.join(workdir, f"rm_{tuning}")
-        t0 = time.perf_counter()
-        summary = finished_summary(rm_dir) or train_reward_model(
-            workdir=rm_dir, dataset=toy.preference_pairs(n=cfg.num_pairs, seed=cfg.seed), model=export,
+        record = run_stage(
+            f"rm_{tuning}", rm_dir, train_reward_model,
+            dataset=toy.preference_pairs(n=cfg.num_pairs, seed=cfg.seed), model=export,
             tuning=TuningConfig(mode=tuning, lora=lora_cfg), loop=loop(cfg.rm_steps), data=data,
             optimizer=OptimizerConfig(learning_rate=cfg.rm_lr_lora if tuning == "lora" else cfg.rm_lr_full,
                                       total_steps=cfg.rm_steps))
-        seconds[f"rm_{tuning}"] = time.perf_counter() - t0
+        summary, seconds[f"rm_{tuning}"] = record["summary"], record["seconds"]
         rm, rm_tok, rm_info = W.load_reward_model(rm_dir)
         scorer = J.reward_model_scorer(rm, rm_tok)
         proxy = scorer(sft_eval["sampled_prompts"], sft_eval["sampled"])
@@ -186,10 +185,9 @@ def run_gold_benchmark(workdir: str, cfg: GoldBenchmarkConfig = GoldBenchmarkCon
             continue
         rl_dir = os.path.join(workdir, f"rl_{algorithm}_{policy_tuning}_rm-{rm_tuning}")
         row = {"policy": policy_tuning, "algorithm": algorithm, "proxy_rm": rm_tuning}
-        t0 = time.perf_counter()
         try:
-            summary = finished_summary(rl_dir) or train_policy(
-                workdir=rl_dir, prompts=toy.prompts(n=cfg.num_rl_prompts, seed=cfg.seed + 2), model=export,
+            record = run_stage(
+                os.path.basename(rl_dir), rl_dir, train_policy, prompts=toy.prompts(n=cfg.num_rl_prompts, seed=cfg.seed + 2), model=export,
                 tuning=TuningConfig(mode=policy_tuning, lora=lora_cfg),
                 rl=RLConfig(algorithm=algorithm, kl_beta=cfg.kl_beta, max_new_tokens=cfg.max_response_len),
                 optimizer=OptimizerConfig(learning_rate=cfg.rl_lr_lora if policy_tuning == "lora" else cfg.rl_lr_full,
@@ -197,7 +195,7 @@ def run_gold_benchmark(workdir: str, cfg: GoldBenchmarkConfig = GoldBenchmarkCon
                 loop=loop(cfg.rl_steps, cfg.rl_eval_every),
                 data=DataConfig(max_prompt_len=cfg.max_prompt_len, eval_size=24, split_seed=cfg.seed),
                 reward_model=rms[rm_tuning]["dir"])  # a LoRA proxy shares the backbone only with a LoRA policy
-            row["seconds"] = time.perf_counter() - t0
+            row["seconds"] = record["seconds"]
             model, tokenizer, _ = W.load_policy(rl_dir, lora_config=lora_cfg)
             ev = policy_gold(model, tokenizer, prompts, gold, **measure)
             row.update(gold_sampled=ev["gold_sampled"], gold_greedy=ev["gold_greedy"],

@@ -4,31 +4,24 @@ Each stage is a configured job (gin passes `@sft/train_sft`, `@rm/train_reward_m
 `@rl/train_policy` with their own scopes) run in its own sub-directory of the
 workdir. The RL policy and the reward model both start from the SFT export, so
 one copy of that backbone serves policy, anchor and reward model. A rerun with
-the same workdir skips finished stages and resumes an interrupted one.
+the same workdir skips finished stages and resumes an interrupted one
+(`pe_rlhf.train.stages`: a stage is finished only once all its outputs exist).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import time
 from typing import Callable
 
 import numpy as np
+
+from pe_rlhf.train.stages import run_stage, write_json_atomic
 
 
 def _read_jsonl(path: str) -> list[dict]:
     with open(path) as f:
         return [json.loads(line) for line in f]
-
-
-def finished_summary(workdir: str) -> dict | None:
-    """The summary.json of a finished stage's workdir, or None if it has not finished."""
-    path = os.path.join(workdir, "summary.json")
-    if not os.path.exists(path):
-        return None
-    with open(path) as f:
-        return json.load(f)
 
 
 def gold_rate(samples_path: str, gold_reward: Callable[[str, str], float]) -> float:
@@ -40,28 +33,14 @@ def rlhf_pipeline(*, workdir: str, model: str, sft_job: Callable, reward_job: Ca
                   gold_reward: Callable[[str, str], float] | None = None) -> dict:
     """Run the three stages and print a short table of what each achieved."""
     timings, summaries = {}, {}
-    for name, job, kwargs in (
-        ("sft", sft_job, {"model": model}),
-        ("reward_model", reward_job, {}),
-        ("rl", rl_job, {}),
+    export = os.path.join(workdir, "sft", "export")
+    for name, job, kwargs, outputs in (
+        ("sft", sft_job, {"model": model}, ("summary.json", "export/config.json", "export/model.safetensors")),
+        ("reward_model", reward_job, {"model": export}, ("summary.json",)),
+        ("rl", rl_job, {"model": export, "reward_model": os.path.join(workdir, "reward_model")}, ("summary.json",)),
     ):
-        stage_dir = os.path.join(workdir, name)
-        if name == "reward_model":
-            kwargs = {"model": summaries["sft"]["export"]}
-        elif name == "rl":
-            kwargs = {"model": summaries["sft"]["export"], "reward_model": os.path.join(workdir, "reward_model")}
-        finished = finished_summary(stage_dir)
-        t0 = time.perf_counter()
-        if finished is None:
-            print(f"\n=== {name} ===")
-            summaries[name] = job(workdir=stage_dir, **kwargs)
-            timings[name] = time.perf_counter() - t0
-        else:
-            print(f"=== {name}: already done in {stage_dir} ===")
-            summaries[name] = finished
-            timings[name] = float("nan")
-        if name == "sft":
-            summaries["sft"].setdefault("export", os.path.join(stage_dir, "export"))
+        record = run_stage(name, os.path.join(workdir, name), job, outputs=outputs, **kwargs)
+        summaries[name], timings[name] = record["summary"], record["seconds"]
 
     rl_dir = os.path.join(workdir, "rl")
     final_step = summaries["rl"]["step"]
@@ -84,6 +63,5 @@ def rlhf_pipeline(*, workdir: str, model: str, sft_job: Callable, reward_job: Ca
         print(f"| {stage} | {metric} | {value:.3f} |")
     print("| time | " + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items()) + " | |")
     result["seconds"] = timings
-    with open(os.path.join(workdir, "summary.json"), "w") as f:
-        json.dump(result, f, indent=2)
+    write_json_atomic(os.path.join(workdir, "summary.json"), result)
     return result

@@ -13,7 +13,6 @@ import functools
 import json
 import logging
 import os
-import time
 from typing import Callable
 
 import jax
@@ -22,16 +21,18 @@ import numpy as np
 from flax import nnx
 
 from pe_rlhf import data as D
-from pe_rlhf.checkpoints.orbax_io import RunCheckpointer
 from pe_rlhf.models import lora
+from pe_rlhf.checkpoints.orbax_io import RunCheckpointer
 from pe_rlhf.models.heads import RewardModel
 from pe_rlhf.sampling.sampler import SamplingConfig, sample_traced
-from pe_rlhf.train.optim import OptimizerConfig, make_optimizer
-from pe_rlhf.train.policy import RLConfig, RLModules, guard_nonfinite, skipped_steps
+from pe_rlhf.train.loop import Job, train_loop
+from pe_rlhf.train.optim import OptimizerConfig, guard_nonfinite, make_optimizer
+from pe_rlhf.train.policy import RLConfig, RLModules
+from pe_rlhf.train.records import lora_config_of, read_run_info, run_identity
 from pe_rlhf.train.sharded import sharded_rl_step
-from pe_rlhf.train.supervised import (DataConfig, LoopConfig, TuningConfig, load_backbone, plan_report,
+from pe_rlhf.train.config import DataConfig, LoopConfig, TuningConfig
+from pe_rlhf.train.supervised import (load_backbone, plan_report,
                                      trainable_filter)
-from pe_rlhf.train.writer import MetricsWriter
 
 log = logging.getLogger(__name__)
 
@@ -53,18 +54,15 @@ def attach_reward_model(backbone, tokenizer, rm_workdir: str, *, policy_model: s
     otherwise (a full RM, another base, or a fully tuned policy whose backbone moves) it gets
     its own frozen backbone.
     """
-    info_path = os.path.join(rm_workdir, "run_info.json")
-    if not os.path.exists(info_path):
+    info = read_run_info(rm_workdir)
+    if info is None:
         raise FileNotFoundError(f"{rm_workdir}: no run_info.json; expected the workdir of a reward-model run")
-    with open(info_path) as f:
-        info = json.load(f)
     if info.get("stage") != "reward_model":
-        raise RewardModelMismatch(f"{info_path}: stage is {info.get('stage')!r}, not a reward model")
-    adapter = info["adapter"]
+        raise RewardModelMismatch(f"{rm_workdir}/run_info.json: stage is {info.get('stage')!r}, not a reward model")
+    adapter, lora_cfg = info["adapter"], lora_config_of(info)
     shared = info["tuning"] == "lora" and info["model"] == policy_model and policy_tuning == "lora"
     if shared:
-        cfg = info["lora"]
-        lora.add_lora(backbone, adapter, lora.LoRAConfig(rank=cfg["rank"], alpha=cfg["alpha"], targets=cfg["targets"]))
+        lora.add_lora(backbone, adapter, lora_cfg)
         rm = RewardModel(backbone, adapters=(adapter,))
     else:
         rm_backbone, rm_tokenizer = load_backbone(info["model"], dtype)
@@ -75,11 +73,9 @@ def attach_reward_model(backbone, tokenizer, rm_workdir: str, *, policy_model: s
                 "re-tokenised, which this step (jit-compiled end to end) does not do. Train the reward model on "
                 "the policy's base checkpoint or one with the same tokenizer."
             )
-        if info["tuning"] == "lora":
-            cfg = info["lora"]
-            lora.add_lora(rm_backbone, adapter,
-                          lora.LoRAConfig(rank=cfg["rank"], alpha=cfg["alpha"], targets=cfg["targets"]))
-        rm = RewardModel(rm_backbone, adapters=(adapter,) if info["tuning"] == "lora" else None)
+        if lora_cfg is not None:
+            lora.add_lora(rm_backbone, adapter, lora_cfg)
+        rm = RewardModel(rm_backbone, adapters=(adapter,) if lora_cfg is not None else None)
     ckpt = RunCheckpointer(os.path.join(rm_workdir, "checkpoints"))
     try:
         step = ckpt.restore_module(rm, trainable_filter(TuningConfig(mode=info["tuning"]), adapter),
@@ -194,12 +190,11 @@ def train_policy(*, workdir: str, prompts: D.Loaded, model: str = "tiny", dtype:
     eos_ids = tuple(backbone.config.eos_token_ids) or ((tokenizer.eos_token_id,) if tokenizer.eos_token_id is not None
                                                         else ())
 
-    # STATE
+    # STATE: what trains, its optimizer state, the REINFORCE baseline and the RNG (as key data, to checkpoint)
     filter_ = rl_trainable_filter(tuning, rl, adapter)
     graphdef, trainable, frozen = nnx.split(modules, filter_, ...)
     tx = guard_nonfinite(make_optimizer(optimizer))
     rl_state = {"baseline": jnp.zeros((), jnp.float32)}
-    rng = jax.random.key(loop.seed)
     fresh = train_iter.state()
     example = next(train_iter)  # one batch's shapes; the iterator is rewound below
     train_iter.restore(fresh)
@@ -207,32 +202,31 @@ def train_policy(*, workdir: str, prompts: D.Loaded, model: str = "tiny", dtype:
                               opt_state=jax.eval_shape(tx.init, trainable), frozen=frozen, rl_state=rl_state,
                               batch=example, reward_fn=reward_fn, eos_ids=eos_ids, pad_id=pad_id)
     trainable, _, frozen = stepper.place(trainable, None, frozen)
-    opt_state = stepper.init_opt_state(tx, trainable)
-    os.makedirs(workdir, exist_ok=True)
-    ckpt = RunCheckpointer(os.path.join(workdir, "checkpoints"), every=loop.checkpoint_every,
-                           keep=loop.keep_checkpoints)
-    start = 0
-    if ckpt.latest_step() is not None:
-        start, state, meta = ckpt.restore({"trainable": trainable, "opt_state": opt_state, "rl_state": rl_state,
-                                           "rng": jax.random.key_data(rng)})
-        trainable, opt_state, _ = stepper.place(state["trainable"], state["opt_state"], None)
-        rl_state = state["rl_state"]
-        rng = jax.random.wrap_key_data(state["rng"])
-        train_iter.restore(meta["data"])
-        print(f"resumed from {ckpt.directory} at step {start}")
+    state = {"trainable": trainable, "opt_state": stepper.init_opt_state(tx, trainable), "rl_state": rl_state,
+             "rng": jax.random.key_data(jax.random.key(loop.seed))}
     run_info = {"stage": "rl", "algorithm": rl.algorithm, "model": model, "dtype": dtype, "tuning": tuning.mode,
                 "adapter": adapter, "lora": dataclasses.asdict(tuning.lora) if tuning.mode == "lora" else None,
                 "reward_model": reward_model, "rl": dataclasses.asdict(rl),
                 "prompts": len(texts), "train_prompts": len(train_ids), "eval_prompts": len(eval_items)}
-    with open(os.path.join(workdir, "run_info.json"), "w") as f:
-        json.dump(run_info, f, indent=2, default=str)
-    if jax.process_index() == 0:
-        write_eval_prompts(os.path.join(workdir, EVAL_PROMPTS), eval_ids, tokenizer)
-        print(f"memory: {stepper.memory()}")
-    writer = MetricsWriter(workdir)
+    run_info["identity"] = run_identity(
+        stage="rl", model=model, dtype=dtype, tuning=tuning, adapter=adapter, source=prompts.source, data=data,
+        loop=loop, train_examples=len(train_ids), eval_examples=len(eval_ids), algorithm=rl.algorithm,
+        rl=dataclasses.asdict(rl), reward_model=None if reward_model is None else os.path.abspath(reward_model),
+        reward_fn=None if reward_fn is None else getattr(reward_fn, "__qualname__", repr(reward_fn)))
 
-    def evaluate(step, use_anchor=False):
-        """Greedy responses on the eval prompts, their rewards, and samples_<step>.jsonl to read."""
+    def step(state, batch):
+        rng, step_rng = jax.random.split(jax.random.wrap_key_data(state["rng"]))
+        trainable, opt_state, rl_state, metrics = stepper(state["trainable"], state["opt_state"], frozen,
+                                                          state["rl_state"], batch, step_rng)
+        return {"trainable": trainable, "opt_state": opt_state, "rl_state": rl_state,
+                "rng": jax.random.key_data(rng)}, metrics
+
+    def place(restored):
+        trainable, opt_state, _ = stepper.place(restored["trainable"], restored["opt_state"], None)
+        return {**restored, "trainable": trainable, "opt_state": opt_state}
+
+    # EVALUATION: greedy responses to the held-out prompts, their rewards, samples_<step>.jsonl to read
+    def responses(trainable, step, use_anchor=False):
         static = (reward_fn, eos_ids, pad_id, rl.max_new_tokens, use_anchor, float(eval_temperature))
         tokens, mask, rewards = _eval_rollout(graphdef, trainable, frozen, eval_batch["prompt_BxT"],
                                               eval_batch["prompt_mask_BxT"], jax.random.key(0), static)
@@ -247,49 +241,21 @@ def train_policy(*, workdir: str, prompts: D.Loaded, model: str = "tiny", dtype:
                                         "reward": float(r)}) + "\n")
         return float(rewards.mean())
 
-    start_reward = evaluate(0, use_anchor=True)  # the starting policy (adapters off): samples_0.jsonl
+    start = {}
 
-    def eval_metrics(step):
-        reward = evaluate(step)
-        return {"reward": reward, "start_reward": start_reward, "reward_gain": reward - start_reward}
+    def on_start(state, _):  # the starting policy (adapters off): samples_0.jsonl
+        if jax.process_index() == 0:
+            write_eval_prompts(os.path.join(workdir, EVAL_PROMPTS), eval_ids, tokenizer)
+        start["reward"] = responses(state["trainable"], 0, use_anchor=True)
+
+    def evaluate(state, step):
+        reward = responses(state["trainable"], step)
+        return {"reward": reward, "start_reward": start["reward"], "reward_gain": reward - start["reward"]}
 
     # LOOP
-    from tqdm import tqdm
-
-    bar = tqdm(total=loop.num_steps, initial=start, desc="rl", dynamic_ncols=True) \
-        if loop.progress_bar and jax.process_index() == 0 else None
-    t_last, done = time.perf_counter(), 0
-    for step in range(start + 1, loop.num_steps + 1):
-        batch = next(train_iter)
-        rng, step_rng = jax.random.split(rng)
-        trainable, opt_state, rl_state, metrics = stepper(trainable, opt_state, frozen, rl_state, batch, step_rng)
-        done += loop.batch_size
-        if step % loop.log_every == 0 or step == loop.num_steps:
-            metrics = jax.device_get(metrics)
-            now = time.perf_counter()
-            metrics["examples_per_s"] = done / (now - t_last)
-            metrics["skipped_steps"] = skipped_steps(opt_state)
-            t_last, done = now, 0
-            writer.write(step, metrics)
-            if bar is not None:
-                bar.set_postfix(reward=f"{float(metrics['reward_mean']):.3f}", kl=f"{float(metrics['kl']):.3f}")
-        if loop.eval_every and step % loop.eval_every == 0 and step != loop.num_steps:
-            writer.write(step, eval_metrics(step), prefix="eval")
-        ckpt.save(step, {"trainable": trainable, "opt_state": opt_state, "rl_state": rl_state,
-                         "rng": jax.random.key_data(rng)}, {"data": train_iter.state(), "step": step})
-        if bar is not None:
-            bar.update(1)
-    if bar is not None:
-        bar.close()
-    if ckpt.latest_step() != loop.num_steps:
-        ckpt.save(loop.num_steps, {"trainable": trainable, "opt_state": opt_state, "rl_state": rl_state,
-                                   "rng": jax.random.key_data(rng)}, {"data": train_iter.state()}, force=True)
-    ckpt.close()
-    final = eval_metrics(loop.num_steps)
-    writer.write(loop.num_steps, final, prefix="eval")
-    summary = {"step": loop.num_steps, **{f"eval/{k}": v for k, v in final.items()},
-               "skipped_steps": skipped_steps(opt_state), **run_info}
-    writer.summary(summary)
-    writer.close()
-    nnx.update(modules, trainable)
+    job = Job(state=state, step=step, batches=train_iter, evaluate=evaluate, place=place, info=run_info,
+              examples=lambda _: loop.batch_size, memory=stepper.memory(), on_start=on_start,
+              progress_keys=("reward_mean", "kl"))
+    state, summary = train_loop(workdir, loop, job)
+    nnx.update(modules, state["trainable"])
     return summary

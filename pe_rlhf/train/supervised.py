@@ -13,7 +13,6 @@ import functools
 import json
 import logging
 import os
-import time
 from typing import Any, Callable, Sequence
 
 import jax
@@ -22,72 +21,34 @@ import numpy as np
 from flax import nnx
 
 from pe_rlhf import data as D
-from pe_rlhf.checkpoints.orbax_io import RunCheckpointer
 from pe_rlhf.eval import metrics as M
 from pe_rlhf.models import lora
 from pe_rlhf.models.heads import RewardModel
-from pe_rlhf.sharding.mesh import MeshConfig
 from pe_rlhf.train import steps
-from pe_rlhf.train.optim import OptimizerConfig, make_optimizer
+from pe_rlhf.train.config import DataConfig, LoopConfig, TuningConfig  # noqa: F401 (re-exported)
+from pe_rlhf.train.loop import Job, train_loop
+from pe_rlhf.train.optim import OptimizerConfig, guard_nonfinite, make_optimizer
+from pe_rlhf.train.records import run_identity
 from pe_rlhf.train.sharded import sharded_train_step
-from pe_rlhf.train.writer import MetricsWriter
 
 log = logging.getLogger(__name__)
-
-
-# -- options ------------------------------------------------------------------------------------
-@dataclasses.dataclass(frozen=True)
-class TuningConfig:
-    """What trains. PE-RLHF (arXiv 2403.10704): LoRA on the attention projections, backbone frozen;
-    `mode="full"` is the paper's fully tuned baseline."""
-
-    mode: str = "lora"  # lora | full
-    lora: lora.LoRAConfig = lora.LoRAConfig()
-    remat: bool = False  # recompute each decoder block in the backward pass: less activation memory, more FLOPs
-
-    def __post_init__(self):
-        if self.mode not in ("lora", "full"):
-            raise ValueError(f"TuningConfig.mode={self.mode!r}; choose 'lora' or 'full'")
-
-
-@dataclasses.dataclass(frozen=True)
-class LoopConfig:
-    num_steps: int = 100
-    batch_size: int = 8
-    eval_every: int = 50  # 0: only at the end
-    eval_batch_size: int = 16
-    max_eval_examples: int | None = None
-    log_every: int = 10
-    checkpoint_every: int = 100
-    keep_checkpoints: int = 3
-    seed: int = 0
-    progress_bar: bool = True
-    mesh: MeshConfig | None = None  # None: one device; e.g. MeshConfig(data=-1): data parallel over all
-
-
-@dataclasses.dataclass(frozen=True)
-class DataConfig:
-    """Token budgets, padding side and the held-out split."""
-
-    max_prompt_len: int = 256
-    max_response_len: int = 128
-    padding: str = "right"
-    eval_size: float | int = 0.1
-    split_seed: int = 0
-    eos_id: int | None = None
-    # Reward models only: pack items to their real length in `pack_rows` rows of `pack_length` tokens
-    # (a multiple of 64), each pair's prompt computed once (`pe_rlhf.data.packing`). A batch then holds
-    # up to LoopConfig.batch_size items, as many as fit. None: one padded row per sequence.
-    pack_length: int | None = None
-    pack_rows: int = 1
 
 
 # -- the backbone -------------------------------------------------------------------------------
 def load_backbone(source: str, dtype: str = "float32"):
     """(Transformer, tokenizer) from a checkpoint path, 'gemma3-270m' (pip package) or 'tiny[-family]'."""
+    import difflib
+
     from pe_rlhf.models import from_pretrained
+    from pe_rlhf.models.config import SUPPORTED_MODEL_TYPES
     from pe_rlhf.models.tiny import tiny_model
 
+    names = ["gemma3-270m", "tiny"] + [f"tiny-{f}" for f in sorted(set(SUPPORTED_MODEL_TYPES.values()))]
+    if source not in names and not os.path.exists(source):
+        close = difflib.get_close_matches(source, names, n=1, cutoff=0.6)
+        hint = f"Did you mean {close[0]!r}? " if close else ""
+        raise FileNotFoundError(f"model {source!r}: not a known name and no such file or directory. {hint}Give "
+                                f"one of {', '.join(names)}, a Hugging Face checkpoint directory or a .gguf file")
     jdtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[dtype]
     if source == "tiny" or source.startswith("tiny-"):
         family = source.partition("-")[2] or "llama"
@@ -122,80 +83,38 @@ def prepare(module: nnx.Module, backbone, tuning: TuningConfig, adapter: str) ->
 def fit(module: nnx.Module, *, filter_, loss_fn: Callable, train_iter: D.BatchIterator,
         evaluate: Callable[[Any, Any, Any], dict], optimizer: OptimizerConfig, loop: LoopConfig,
         workdir: str, run_info: dict) -> dict:
-    """Train `module`'s `filter_` partition on `train_iter`; returns the final summary.
+    """Train `module`'s `filter_` partition on `train_iter` through `train_loop`; returns the summary.
 
-    `evaluate(graphdef, trainable, frozen) -> metrics` runs on the held-out set.
-    Resumes from the latest checkpoint in `workdir/checkpoints` (step, optimizer
-    state and data position), so a killed run continues exactly.
+    `evaluate(graphdef, trainable, frozen) -> metrics` runs on the held-out set. Resumes from the
+    latest checkpoint in `workdir/checkpoints` (step, optimizer state and data position), so a killed
+    run continues exactly; `module` ends with the trained weights.
     """
-    os.makedirs(workdir, exist_ok=True)
     graphdef, trainable, frozen = nnx.split(module, filter_, ...)
-    tx = make_optimizer(optimizer)
+    tx = guard_nonfinite(make_optimizer(optimizer))
     fresh = train_iter.state()
     example = next(train_iter)  # one batch's shapes; the iterator is rewound below
     train_iter.restore(fresh)
     stepper = sharded_train_step(loop.mesh, graphdef=graphdef, tx=tx, loss_fn=loss_fn, trainable=trainable,
                                  opt_state=jax.eval_shape(tx.init, trainable), frozen=frozen, batch=example)
     trainable, _, frozen = stepper.place(trainable, None, frozen)
-    opt_state = stepper.init_opt_state(tx, trainable)
-    ckpt = RunCheckpointer(os.path.join(workdir, "checkpoints"), every=loop.checkpoint_every,
-                           keep=loop.keep_checkpoints)
-    writer = MetricsWriter(workdir)
-    start = 0
-    if ckpt.latest_step() is not None:
-        start, state, meta = ckpt.restore({"trainable": trainable, "opt_state": opt_state})
+
+    def step(state, batch):
+        trainable, opt_state, metrics = stepper(state["trainable"], state["opt_state"], frozen, batch)
+        return {"trainable": trainable, "opt_state": opt_state}, metrics
+
+    def place(state):
         trainable, opt_state, _ = stepper.place(state["trainable"], state["opt_state"], None)
-        train_iter.restore(meta["data"])
-        print(f"resumed from {ckpt.directory} at step {start}")
-    with open(os.path.join(workdir, "run_info.json"), "w") as f:
-        json.dump(run_info, f, indent=2, default=str)
-    if jax.process_index() == 0:
-        print(f"memory: {stepper.memory()}")
+        return {"trainable": trainable, "opt_state": opt_state}
 
-    def save(step, force=False):
-        ckpt.save(step, {"trainable": trainable, "opt_state": opt_state},
-                  {"data": train_iter.state(), "step": step}, force=force)
+    def examples(batch) -> int:
+        return int(np.sum(batch["valid_RxP"])) if "valid_RxP" in batch else loop.batch_size
 
-    bar = _progress(loop, start)
-    t_last, examples, eval_metrics = time.perf_counter(), 0, {}
-    for step in range(start + 1, loop.num_steps + 1):
-        batch = next(train_iter)
-        trainable, opt_state, metrics = stepper(trainable, opt_state, frozen, batch)
-        examples += int(np.sum(batch["valid_RxP"])) if "valid_RxP" in batch else loop.batch_size
-        if step % loop.log_every == 0 or step == loop.num_steps:
-            metrics = jax.device_get(metrics)
-            now = time.perf_counter()
-            metrics["examples_per_s"] = examples / (now - t_last)
-            t_last, examples = now, 0
-            scalars = writer.write(step, metrics)
-            if bar is not None:
-                bar.set_postfix({k.split("/")[1]: f"{v:.4g}" for k, v in scalars.items()
-                                 if k.split("/")[1] in ("loss", "accuracy", "examples_per_s")})
-        if loop.eval_every and step % loop.eval_every == 0 and step != loop.num_steps:
-            writer.write(step, evaluate(graphdef, trainable, frozen), prefix="eval")
-        save(step)
-        if bar is not None:
-            bar.update(1)
-    if bar is not None:
-        bar.close()
-    if ckpt.latest_step() != loop.num_steps:
-        save(loop.num_steps, force=True)
-    ckpt.close()
-    eval_metrics = evaluate(graphdef, trainable, frozen)
-    writer.write(loop.num_steps, eval_metrics, prefix="eval")
-    summary = {"step": loop.num_steps, **{f"eval/{k}": v for k, v in eval_metrics.items()}, **run_info}
-    writer.summary(summary)
-    writer.close()
-    nnx.update(module, trainable)
+    job = Job(state={"trainable": trainable, "opt_state": stepper.init_opt_state(tx, trainable)}, step=step,
+              batches=train_iter, evaluate=lambda state, _: evaluate(graphdef, state["trainable"], frozen),
+              place=place, info=run_info, examples=examples, memory=stepper.memory())
+    state, summary = train_loop(workdir, loop, job)
+    nnx.update(module, state["trainable"])
     return summary
-
-
-def _progress(loop: LoopConfig, start: int):
-    if not loop.progress_bar or jax.process_index() != 0:
-        return None
-    from tqdm import tqdm
-
-    return tqdm(total=loop.num_steps, initial=start, desc="train", dynamic_ncols=True)
 
 
 def _eval_batches(items: Sequence, loop: LoopConfig, collate, fits=None) -> D.BatchIterator:
@@ -238,7 +157,7 @@ def _split(examples, data: DataConfig, group=None):
 
 def _tokenize_options(data: DataConfig) -> D.TokenizeOptions:
     return D.TokenizeOptions(max_prompt_len=data.max_prompt_len, max_response_len=data.max_response_len,
-                             eos_id=data.eos_id)
+                             eos_id=data.eos_id, drop_long_responses=data.drop_long_responses)
 
 
 def _pad_id(tokenizer) -> int:
@@ -370,7 +289,11 @@ def train_reward_model(*, workdir: str, dataset: D.Loaded, model: str = "tiny", 
                 "lora": dataclasses.asdict(tuning.lora) if tuning.mode == "lora" else None,
                 "data_stats": dataclasses.asdict(stats), "train_examples": len(train_items),
                 "eval_examples": len(eval_items), "skipped_identical": dataset.skipped_identical,
+                "skipped_long": dataset.skipped_long,
                 "packing": {"length": data.pack_length, "rows": data.pack_rows, "span": span} if span else None}
+    run_info["identity"] = run_identity(stage="reward_model", model=model, dtype=dtype, tuning=tuning, adapter=adapter,
+                                        source=dataset.source, data=data, loop=loop, train_examples=len(train_items),
+                                        eval_examples=len(eval_items), kind=run_info["kind"])
     return fit(rm, filter_=trainable_filter(tuning, adapter), loss_fn=loss_fn, train_iter=train_iter,
                evaluate=evaluate, optimizer=optimizer, loop=loop, workdir=workdir, run_info=run_info)
 
@@ -425,7 +348,11 @@ def train_sft(*, workdir: str, dataset: D.Loaded, model: str = "tiny", dtype: st
                 "lora": dataclasses.asdict(tuning.lora) if tuning.mode == "lora" else None,
                 "data_stats": dataclasses.asdict(stats), "train_examples": len(train_items),
                 "eval_examples": len(eval_items)}
-    summary = fit(backbone, filter_=trainable_filter(tuning, adapter), loss_fn=steps.sft_loss,
+    run_info["identity"] = run_identity(stage="sft", model=model, dtype=dtype, tuning=tuning, adapter=adapter,
+                                        source=dataset.source, data=data, loop=loop, train_examples=len(train_items),
+                                        eval_examples=len(eval_items))
+    loss_fn = functools.partial(steps.sft_loss, response_window=data.max_response_len)
+    summary = fit(backbone, filter_=trainable_filter(tuning, adapter), loss_fn=loss_fn,
                   train_iter=train_iter, evaluate=evaluate, optimizer=optimizer, loop=loop, workdir=workdir,
                   run_info=run_info)
     if export and jax.process_index() == 0:

@@ -18,19 +18,48 @@ def _scalar(v):
     return float(v) if v.size == 1 else None
 
 
+def truncate_metrics(path: str, last_step: int) -> int:
+    """Drop the lines of `path` logged after `last_step` (a resumed run logs them again); returns how many."""
+    if not os.path.isfile(path):
+        return 0
+    with open(path) as f:
+        lines = f.readlines()
+    keep = []
+    for line in lines:
+        try:
+            step = json.loads(line)["step"]
+        except (ValueError, KeyError, TypeError):  # a line cut by a kill mid-write
+            continue
+        if step <= last_step:
+            keep.append(line if line.endswith("\n") else line + "\n")
+    if len(keep) != len(lines):
+        tmp = f"{path}.tmp-{os.getpid()}"
+        with open(tmp, "w") as f:
+            f.writelines(keep)
+        os.replace(tmp, path)
+    return len(lines) - len(keep)
+
+
 class MetricsWriter:
-    def __init__(self, workdir: str, *, tensorboard: bool = True):
+    """Appends to metrics.jsonl and TensorBoard; `resume_step` first cuts both back to that step, so a
+    resumed run logs every step once."""
+
+    def __init__(self, workdir: str, *, tensorboard: bool = True, resume_step: int | None = None):
         self.active = jax.process_index() == 0
         self.workdir = workdir
         self._tb = None
         if not self.active:
             return
         os.makedirs(workdir, exist_ok=True)
-        self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+        path = os.path.join(workdir, "metrics.jsonl")
+        if resume_step is not None:
+            truncate_metrics(path, resume_step)
+        self._jsonl = open(path, "a")
         if tensorboard:
             from tensorboardX import SummaryWriter
 
-            self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+            purge = None if resume_step is None else resume_step + 1
+            self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=purge)
 
     def write(self, step: int, metrics: dict, prefix: str = "train") -> dict:
         scalars = {f"{prefix}/{k}": s for k, v in metrics.items() if (s := _scalar(v)) is not None}
@@ -44,9 +73,11 @@ class MetricsWriter:
         return scalars
 
     def summary(self, summary: dict) -> None:
+        """summary.json as strict JSON (a non-finite number is written as null)."""
         if self.active:
-            with open(os.path.join(self.workdir, "summary.json"), "w") as f:
-                json.dump(summary, f, indent=2, sort_keys=True, default=str)
+            from pe_rlhf.train.stages import write_json_atomic
+
+            write_json_atomic(os.path.join(self.workdir, "summary.json"), summary)
 
     def close(self):
         if self.active:

@@ -63,6 +63,75 @@ def test_every_config_parses(registered):
             assert 0 <= opt.warmup_steps < opt.total_steps, path
 
 
+def test_every_config_builds_every_option_in_every_scope(registered):
+    """Each option dataclass a config binds, built in each gin scope it is bound in (its checks run)."""
+    for path in CONFIGS:
+        gin.clear_config()
+        gin.parse_config_files_and_bindings([path], [], skip_unknown=False)
+        assert registered.bound_options(), path  # every config binds some options
+        registered.check_options()  # raises on the first wrong value
+    gin.clear_config()
+    gin.parse_config_files_and_bindings([os.path.join(REPO, "experiments", "configs", "quickstart.gin")], [])
+    assert {("rl", "LoopConfig"), ("rm", "DataConfig"), ("sft", "OptimizerConfig")} <= set(registered.bound_options())
+
+
+@pytest.mark.parametrize("binding, message", [
+    ("LoopConfig.batch_size='four'", "LoopConfig.batch_size='four': expected an integer >= 1"),
+    ("rl/LoopConfig.num_steps=5.5", "rl/LoopConfig.num_steps=5.5: expected an integer >= 1"),
+    ("sft/OptimizerConfig.learning_rate=1e999", "sft/OptimizerConfig.learning_rate=inf: expected a finite number > 0"),
+    ("rl/MeshConfig.data=0", "rl/MeshConfig.data=0: expected an integer >= 1 or -1"),
+])
+def test_a_wrong_value_names_its_gin_key_with_its_scope(registered, binding, message):
+    gin.clear_config()
+    gin.parse_config_files_and_bindings([os.path.join(REPO, "experiments", "configs", "quickstart.gin")], [binding])
+    with pytest.raises(ValueError) as e:
+        registered.check_options()
+    assert str(e.value) == message
+
+
+def test_a_config_without_a_job_is_an_error(registered):
+    gin.clear_config()
+    gin.parse_config_files_and_bindings([], ["LoopConfig.num_steps = 3"])
+    with pytest.raises(ValueError, match=r"^the config names no job: bind run.job"):
+        registered.check_options()
+
+
+def _run_py(*args):
+    env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"} | {"PYTHONPATH": REPO}
+    return subprocess.run([sys.executable, os.path.join(REPO, "experiments", "run.py"), *args],
+                          capture_output=True, text=True, env=env, timeout=300)
+
+
+def test_a_wrong_value_fails_before_the_workdir_is_written(tmp_path):
+    proc = _run_py("--gin_file", os.path.join(REPO, "experiments", "configs", "tiny_rm.gin"), "--workdir",
+                   str(tmp_path / "wd"), "--gin_param", "LoopConfig.batch_size='four'")
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines()[-1] == "ValueError: LoopConfig.batch_size='four': expected an integer >= 1"
+    assert not (tmp_path / "wd").exists()
+
+
+def test_a_missing_gin_file_is_named_with_the_shipped_configs(registered, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        registered.parse_args(["--gin_file", "experiments/configs/quikstart.gin", "--workdir", str(tmp_path / "wd")])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert ("--gin_file experiments/configs/quikstart.gin: no such file. Did you mean "
+            "experiments/configs/quickstart.gin? Configs shipped in experiments/configs: hh_harmless_full.gin, ") in err
+    assert all(os.path.basename(c) in err for c in CONFIGS)
+    assert not (tmp_path / "wd").exists()
+
+
+def test_help_lists_the_shipped_configs(registered, capsys):
+    with pytest.raises(SystemExit) as e:
+        registered.parse_args(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert "configs shipped in experiments/configs:" in out
+    for path in CONFIGS:
+        assert f"  {os.path.basename(path)} " in out
+    assert "\n  tiny_rm.gin                    A tiny LoRA Bradley-Terry reward model on 200 HH-harmless ...\n" in out
+
+
 @pytest.mark.parametrize("dataset", REAL)
 def test_real_reward_model_configs(registered, dataset):
     lora_path, full_path = (os.path.join(REPO, "experiments", "configs", f"{dataset}_{m}.gin")
@@ -92,7 +161,7 @@ def test_tiny_sft_runs_end_to_end_and_exports(registered, tmp_path):
     from pe_rlhf.checkpoints.orbax_io import RunCheckpointer
     from pe_rlhf.models import from_pretrained, lora
     from pe_rlhf.models.tiny import tiny_model
-    from pe_rlhf.train.optim import make_optimizer
+    from pe_rlhf.train.optim import guard_nonfinite, make_optimizer
     from pe_rlhf.train.supervised import trainable_filter
 
     path = os.path.join(REPO, "experiments", "configs", "tiny_sft.gin")
@@ -116,7 +185,8 @@ def test_tiny_sft_runs_end_to_end_and_exports(registered, tmp_path):
     model, tokenizer = tiny_model()
     lora.add_lora(model, "policy", tuning.lora)
     graphdef, trainable, frozen = nnx.split(model, trainable_filter(tuning, "policy"), ...)
-    template = {"trainable": trainable, "opt_state": make_optimizer(built["OptimizerConfig"]).init(trainable)}
+    template = {"trainable": trainable,
+                "opt_state": guard_nonfinite(make_optimizer(built["OptimizerConfig"])).init(trainable)}
     ckpt = RunCheckpointer(str(workdir / "checkpoints"))
     step, state, _ = ckpt.restore(template)
     ckpt.close()

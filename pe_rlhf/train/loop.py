@@ -1,0 +1,151 @@
+"""The one training loop, shared by SFT, reward models and RL: the only place with checkpoints and logging.
+
+    check the workdir's run identity -> restore (state, data position) -> for each step:
+        step -> log -> evaluate -> checkpoint
+    -> final checkpoint -> final evaluation -> summary.json
+
+A stage supplies a `Job`: its state (a pytree of what trains and what it carries, saved whole), its
+jit-compiled step over that state, its batches and its evaluation. The loop skips nothing on its own:
+a step whose update was not finite is skipped by the optimizer (`optim.guard_nonfinite`), counted here,
+and after `LoopConfig.max_nonfinite_updates` in a row the run stops with `NonFiniteError`, leaving
+its last good checkpoint in place.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import resource
+import time
+from typing import Any, Callable
+
+import jax
+
+from pe_rlhf.checkpoints.orbax_io import RunCheckpointer
+from pe_rlhf.data import BatchIterator
+from pe_rlhf.train.config import LoopConfig
+from pe_rlhf.train.optim import nonfinite_updates
+from pe_rlhf.train.records import check_identity, write_run_info
+from pe_rlhf.train.writer import MetricsWriter
+
+
+class NonFiniteError(FloatingPointError):
+    """Too many updates in a row had non-finite gradients."""
+
+
+@dataclasses.dataclass
+class Job:
+    """What a stage hands the loop.
+
+    state:     what is checkpointed and carried from step to step, e.g. {"trainable", "opt_state"} (+ the
+               RL baseline and RNG key data); `opt_state` must come from a `guard_nonfinite` optimizer.
+    step:      (state, batch) -> (state, metrics), jit-compiled (it may close over the frozen weights).
+    batches:   the resumable training iterator.
+    evaluate:  (state, step) -> held-out metrics.
+    place:     puts a restored state where the step expects it (shardings).
+    info:      the run record written to run_info.json; its "identity" guards resumes.
+    examples:  how many examples a batch holds (for examples_per_s).
+    memory:    the compiled step's memory report, printed and summarised (or None).
+    on_start:  (state, start_step) -> None, called once before the first step (e.g. the RL start evaluation).
+    """
+
+    state: dict
+    step: Callable[[dict, Any], tuple[dict, dict]]
+    batches: BatchIterator
+    evaluate: Callable[[dict, int], dict]
+    place: Callable[[dict], dict]
+    info: dict
+    examples: Callable[[Any], int]
+    memory: Any = None
+    on_start: Callable[[dict, int], None] | None = None
+    progress_keys: tuple[str, ...] = ("loss", "accuracy", "examples_per_s")
+
+
+def rss_peak_bytes() -> int:
+    """This process's peak resident memory so far (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def train_loop(workdir: str, loop: LoopConfig, job: Job) -> tuple[dict, dict]:
+    """Run (or resume) `job` for `loop.num_steps` steps in `workdir`; returns (final state, summary)."""
+    os.makedirs(workdir, exist_ok=True)
+    ckpt = RunCheckpointer(os.path.join(workdir, "checkpoints"), every=loop.checkpoint_every,
+                           keep=loop.keep_checkpoints)
+    try:
+        latest = ckpt.latest_step()
+        check_identity(workdir, job.info, has_checkpoint=latest is not None)
+        if latest is not None and latest > loop.num_steps:
+            raise ValueError(f"LoopConfig.num_steps={loop.num_steps} is below step {latest}, where {workdir} "
+                             "already is; raise num_steps to train on, or use a new workdir")
+        state, start = job.state, 0
+        if latest is not None:
+            start, restored, meta = ckpt.restore(state)
+            state = job.place(restored)
+            job.batches.restore(meta["data"])
+            print(f"resumed from {ckpt.directory} at step {start}")
+        write_run_info(workdir, job.info)
+        writer = MetricsWriter(workdir, resume_step=start)
+        if job.memory is not None and jax.process_index() == 0:
+            print(f"memory: {job.memory}")
+        if job.on_start is not None:
+            job.on_start(state, start)
+        state = _steps(workdir, loop, job, ckpt, writer, state, start)
+        ckpt.close()
+    except BaseException:
+        ckpt.close()
+        raise
+    final = job.evaluate(state, loop.num_steps)
+    writer.write(loop.num_steps, final, prefix="eval")
+    summary = {"step": loop.num_steps, **{f"eval/{k}": v for k, v in final.items()},
+               "skipped_steps": nonfinite_updates(state["opt_state"])[1], "batch_size": loop.batch_size,
+               "compiled_peak_bytes": job.memory.compiled.peak_bytes if job.memory is not None else None,
+               "rss_peak_bytes_process": rss_peak_bytes(), **job.info}
+    writer.summary(summary)
+    writer.close()
+    return state, summary
+
+
+def _steps(workdir, loop: LoopConfig, job: Job, ckpt: RunCheckpointer, writer: MetricsWriter, state: dict,
+           start: int) -> dict:
+    bar = None
+    if loop.progress_bar and jax.process_index() == 0:
+        from tqdm import tqdm
+
+        bar = tqdm(total=loop.num_steps, initial=start, desc=os.path.basename(workdir) or "train",
+                   dynamic_ncols=True)
+
+    def save(step, force=False):
+        ckpt.save(step, state, {"data": job.batches.state(), "step": step}, force=force)
+
+    t_last, examples = time.perf_counter(), 0
+    for step in range(start + 1, loop.num_steps + 1):
+        batch = next(job.batches)
+        state, metrics = job.step(state, batch)
+        examples += job.examples(batch)
+        in_a_row, total = nonfinite_updates(state["opt_state"])
+        if in_a_row >= loop.max_nonfinite_updates:
+            raise NonFiniteError(
+                f"{workdir}: {in_a_row} updates in a row (through step {step}) had non-finite gradients and were "
+                f"skipped ({total} in all); stopping (LoopConfig.max_nonfinite_updates={loop.max_nonfinite_updates})."
+                " The last checkpoint holds the last finite state: lower OptimizerConfig.learning_rate or check the "
+                "data and rewards, then rerun")
+        if step % loop.log_every == 0 or step == loop.num_steps:
+            metrics = jax.device_get(metrics)
+            now = time.perf_counter()
+            metrics["examples_per_s"] = examples / (now - t_last)
+            metrics["skipped_steps"] = total
+            t_last, examples = now, 0
+            scalars = writer.write(step, metrics)
+            if bar is not None:
+                bar.set_postfix({k.split("/")[1]: f"{v:.4g}" for k, v in scalars.items()
+                                 if k.split("/")[1] in job.progress_keys})
+        if loop.eval_every and step % loop.eval_every == 0 and step != loop.num_steps:
+            writer.write(step, job.evaluate(state, step), prefix="eval")
+        save(step)
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    if ckpt.latest_step() != loop.num_steps:
+        save(loop.num_steps, force=True)
+    return state
