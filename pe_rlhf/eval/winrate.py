@@ -54,8 +54,12 @@ def _run_info(directory: str) -> dict | None:
 
 
 def restore_rl_policy(workdir: str, info: dict, *, dtype: str = "float32",
-                      lora_config: lora.LoRAConfig | None = None):
-    """(plain Transformer, tokenizer) of the policy trained in an RL workdir, at its latest checkpoint."""
+                      lora_config: lora.LoRAConfig | None = None, merged: bool = True):
+    """(Transformer, tokenizer, step) of the policy trained in an RL workdir, at its latest checkpoint.
+
+    The Transformer is plain (the LoRA adapter merged in), or with `merged=False` the backbone with
+    the adapter `info["adapter"]` still attached (for `export_peft`).
+    """
     from pe_rlhf.checkpoints.orbax_io import RunCheckpointer
     from pe_rlhf.train.policy import RLModules
     from pe_rlhf.train.supervised import load_backbone
@@ -83,7 +87,7 @@ def restore_rl_policy(workdir: str, info: dict, *, dtype: str = "float32",
         step = ckpt.restore_module(modules, filter_, what="RL")
     finally:
         ckpt.close()
-    model = lora.merged_model(backbone, adapter) if info["tuning"] == "lora" else backbone
+    model = lora.merged_model(backbone, adapter) if info["tuning"] == "lora" and merged else backbone
     return model, tokenizer, step
 
 
@@ -112,26 +116,41 @@ def load_policy(source: str, *, dtype: str = "float32", lora_config: lora.LoRACo
     return model, tokenizer, desc
 
 
-def generate(model, tokenizer, prompts: Sequence[str], cfg: GenerationConfig = GenerationConfig(),
-             num_samples: int = 1) -> list[list[str]]:
-    """`num_samples` responses (text, special tokens dropped) per prompt: [prompt][sample].
+@dataclasses.dataclass(frozen=True)
+class Generated:
+    """One response: its text (special tokens dropped), its token ids, and whether it ended with EOS."""
 
-    Prompts are tokenised as for RL (`[BOS] prompt`, cut from the left to `max_prompt_len`);
-    every batch has `batch_size` rows (the last one is padded), so one compilation serves all.
-    """
+    text: str
+    tokens: tuple[int, ...]
+    ended_with_eos: bool
+
+
+def prompt_ids(tokenizer, prompts: Sequence[str], max_prompt_len: int) -> list:
+    """`[BOS] prompt` ids of every prompt, cut from the left to `max_prompt_len` (as RL tokenises them)."""
     ids, stats = D.tokenize_prompts(list(prompts), tokenizer, D.TokenizeOptions(
-        max_prompt_len=cfg.max_prompt_len, max_response_len=1))
+        max_prompt_len=max_prompt_len, max_response_len=1))
     if stats.kept != len(prompts):
         raise D.DataError(f"generate: {stats.dropped_empty} of {len(prompts)} prompts have no tokens")
     if stats.prompts_truncated:
         print(f"generate: {stats.prompts_truncated} of {len(prompts)} prompts cut from the left to "
-              f"{cfg.max_prompt_len} tokens")
+              f"{max_prompt_len} tokens")
+    return list(ids)
+
+
+def generate_responses(model, tokenizer, prompts: Sequence[str], cfg: GenerationConfig = GenerationConfig(),
+                       num_samples: int = 1) -> list[list[Generated]]:
+    """`num_samples` responses per prompt, [prompt][sample], with their tokens and EOS flags.
+
+    Prompts are tokenised as for RL (`[BOS] prompt`, cut from the left to `max_prompt_len`);
+    every batch has `batch_size` rows (the last one is padded), so one compilation serves all.
+    """
+    ids = prompt_ids(tokenizer, prompts, cfg.max_prompt_len)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     eos = tuple(model.config.eos_token_ids) or ((tokenizer.eos_token_id,) if tokenizer.eos_token_id is not None
                                                  else ())
     rows = [p for p in ids for _ in range(num_samples)]
     rng = jax.random.key(cfg.seed)
-    texts = []
+    out_rows = []
     for i in range(0, len(rows), cfg.batch_size):
         chunk = rows[i:i + cfg.batch_size]
         batch = D.batch_prompts(chunk + [chunk[-1]] * (cfg.batch_size - len(chunk)), prompt_len=cfg.max_prompt_len,
@@ -141,9 +160,18 @@ def generate(model, tokenizer, prompts: Sequence[str], cfg: GenerationConfig = G
                      max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
                      top_p=cfg.top_p, eos_ids=eos, pad_id=pad)
         tokens, mask = np.asarray(out.tokens_BxN), np.asarray(out.mask_BxN)
+        ended = np.asarray(out.ended_with_eos_B)
         for b in range(len(chunk)):
-            texts.append(tokenizer.decode(tokens[b][mask[b]].tolist(), skip_special_tokens=True))
-    return [texts[i * num_samples:(i + 1) * num_samples] for i in range(len(ids))]
+            toks = tokens[b][mask[b]].tolist()
+            out_rows.append(Generated(tokenizer.decode(toks, skip_special_tokens=True), tuple(toks),
+                                      bool(ended[b])))
+    return [out_rows[i * num_samples:(i + 1) * num_samples] for i in range(len(ids))]
+
+
+def generate(model, tokenizer, prompts: Sequence[str], cfg: GenerationConfig = GenerationConfig(),
+             num_samples: int = 1) -> list[list[str]]:
+    """`num_samples` response texts (special tokens dropped) per prompt: [prompt][sample]."""
+    return [[g.text for g in row] for row in generate_responses(model, tokenizer, prompts, cfg, num_samples)]
 
 
 # -- judges ----------------------------------------------------------------------------------------

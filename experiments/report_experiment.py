@@ -1,0 +1,157 @@
+"""The results of a real-model experiment workdir (`experiments/configs/hh_rlhf.gin`): table, JSON, plots.
+
+    python experiments/report_experiment.py --workdir=runs/hh_rlhf --json=docs/results/hh_rlhf.json \
+        --figures=docs/figures --name=hh_rlhf
+
+Reads every finished stage (`pe_rlhf.eval.experiment.collect`) and writes:
+- `--json`: per line, the judge's and the proxy's paired difference against the SFT model (95% CI), the
+  judge's win rate, EOS fraction, response length, KL to the SFT model, seconds per step, compiled and
+  RSS peak memory; per stage, the SFT perplexity, both reward models' held-out accuracy, their agreement;
+- `<figures>/<name>_reward_vs_step.png`: the proxy reward of sampled responses during training and of greedy
+  held-out responses at each evaluation, per line;
+- `<figures>/<name>_judge_vs_kl.png`: the judge's reward of the held-out responses against the KL to the
+  start at each evaluation (the over-optimisation curve, Gao et al. 2022);
+- a Markdown table and a few responses side by side, printed (and to `--markdown` if given).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from pe_rlhf.eval.experiment import BASELINE, collect, markdown  # noqa: E402
+from pe_rlhf.train.stages import write_json_atomic  # noqa: E402
+
+
+def compact(result: dict) -> dict:
+    """The small JSON committed to docs/: what a reader needs to weigh each line, nothing per prompt."""
+    stages = result["stages"]
+    out = {"workdir": result["workdir"], "stages": {}, "lines": {}}
+    if "sft" in stages:
+        s = stages["sft"]["summary"]
+        out["stages"]["sft"] = {"eval_perplexity": s.get("eval/perplexity"), "steps": s.get("step"),
+                                "seconds": stages["sft"]["seconds"], "compiled_peak_bytes": s.get("compiled_peak_bytes")}
+    for rm in ("proxy_rm", "judge_rm"):
+        if rm in stages:
+            s = stages[rm]["summary"]
+            out["stages"][rm] = {"heldout_pairwise_accuracy": s.get("eval/pairwise_accuracy"),
+                                 "heldout_pairs": s.get("eval/num_pairs"), "train_pairs": s.get("train_examples"),
+                                 "steps": s.get("step"), "seconds": stages[rm]["seconds"],
+                                 "compiled_peak_bytes": s.get("compiled_peak_bytes")}
+    if "rm_agreement" in stages:
+        out["stages"]["rm_agreement"] = stages["rm_agreement"]["summary"]
+    keys = ("judge_diff_vs_sft", "proxy_diff_vs_sft", "judge_win_rate", "eos_fraction", "length_mean", "kl_to_sft",
+            "judge_mean", "proxy_mean", "harmless_rate_judge", "identical_to_sft", "prompts")
+    for name, row in result["lines"].items():
+        line = {k: row[k] for k in keys if k in row}
+        rl = row.get("rl")
+        if rl:
+            line.update(algorithm=rl["algorithm"], tuning=rl["tuning"], steps=rl["steps"],
+                        seconds_per_step=rl["seconds_per_step"], rl_seconds=rl["seconds"],
+                        compiled_peak_bytes=rl["compiled_peak_bytes"],
+                        rss_peak_bytes_process=rl["rss_peak_bytes_process"])
+        out["lines"][name] = line
+    return out
+
+
+def _metrics(path: str) -> list[dict]:
+    rows = {}
+    for line in open(path):
+        r = json.loads(line)
+        rows.setdefault(r["step"], {}).update(r)
+    return [rows[s] for s in sorted(rows)]
+
+
+def plot_rewards(workdir: str, result: dict, path: str) -> None:
+    fig, ax = plt.subplots(1, 2, figsize=(11, 4))
+    for name, row in result["lines"].items():
+        if name == BASELINE:
+            continue
+        m = _metrics(os.path.join(workdir, "rl", name, "metrics.jsonl"))
+        tr = [(r["step"], r["train/reward_mean"]) for r in m if r.get("train/reward_mean") is not None]
+        ax[0].plot(*zip(*tr), label=name, alpha=0.8) if tr else None
+        curve = row.get("curve") or []
+        if curve:
+            ax[1].plot([c["step"] for c in curve], [c["proxy"] for c in curve], "o-", label=f"{name} (proxy)")
+            ax[1].plot([c["step"] for c in curve], [c["judge"] for c in curve], "s--", label=f"{name} (judge)")
+    ax[0].set(title="proxy reward of sampled responses (training)", xlabel="step", ylabel="reward")
+    ax[1].set(title="greedy responses to held-out prompts", xlabel="step", ylabel="mean reward")
+    for a in ax:
+        a.legend(fontsize=7)
+        a.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_judge_vs_kl(result: dict, path: str) -> None:
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    for name, row in result["lines"].items():
+        curve = row.get("curve") or []
+        if curve:
+            ax.plot([c["kl"] for c in curve], [c["judge"] for c in curve], "o-", label=name)
+            for c in curve:
+                ax.annotate(str(c["step"]), (c["kl"], c["judge"]), fontsize=6)
+    ax.set(title="judge reward vs KL to the start (labels: step)", xlabel="KL (nats per response)",
+           ylabel="judge reward, held-out greedy")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def side_by_side(workdir: str, result: dict, n: int = 3) -> str:
+    """The first `n` held-out prompts with the SFT model's and every policy's greedy response."""
+    rows = {name: [json.loads(line) for line in open(os.path.join(workdir, "eval", name, "responses.jsonl"))]
+            for name in result["lines"]}
+    out = []
+    for i in range(min(n, len(rows.get(BASELINE, [])))):
+        prompt = rows[BASELINE][i]["prompt"].strip().replace("\n\n", " / ")
+        out.append(f"**Prompt** (last 300 characters): {prompt[-300:]}\n")
+        for name, r in rows.items():
+            out.append(f"- *{name}* (proxy {r[i]['proxy']:+.2f}, judge {r[i]['judge']:+.2f}): "
+                       f"{r[i]['response'].strip()!r}")
+        out.append("")
+    return "\n".join(out)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--workdir", required=True)
+    p.add_argument("--json", help="where to write the compact results JSON")
+    p.add_argument("--figures", help="folder for the two plots")
+    p.add_argument("--name", default="hh_rlhf", help="file-name prefix of the plots")
+    p.add_argument("--markdown", help="also write the table and responses here")
+    args = p.parse_args(argv)
+    if not os.path.isdir(args.workdir):
+        p.error(f"--workdir {args.workdir}: no such directory")
+    result = collect(args.workdir)
+    if not result["lines"]:
+        p.error(f"{args.workdir}: no evaluated line yet (eval/<line>/DONE); run the experiment first")
+    text = markdown(result) + "\n\n" + side_by_side(args.workdir, result)
+    print(text)
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        write_json_atomic(args.json, compact(result))
+    if args.figures:
+        os.makedirs(args.figures, exist_ok=True)
+        plot_rewards(args.workdir, result, os.path.join(args.figures, f"{args.name}_reward_vs_step.png"))
+        plot_judge_vs_kl(result, os.path.join(args.figures, f"{args.name}_judge_vs_kl.png"))
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(text + "\n")
+    return result
+
+
+if __name__ == "__main__":
+    main()
