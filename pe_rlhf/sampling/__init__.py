@@ -1,5 +1,5 @@
 """The jit-compiled sampler."""
 
-from pe_rlhf.sampling.sampler import SampleOutput, SamplingConfig, filter_logits, sample, sample_traced
+from pe_rlhf.sampling.sampler import SampleOutput, SamplingConfig, filter_logits, sample, sample_traced, stream
 
-__all__ = ["SampleOutput", "SamplingConfig", "filter_logits", "sample", "sample_traced"]
+__all__ = ["SampleOutput", "SamplingConfig", "filter_logits", "sample", "sample_traced", "stream"]

@@ -1,5 +1,8 @@
 """The jit-compiled sampler: prefill, then a `lax.while_loop` of one-token decode steps.
 
+`stream` is the same decoding for one interactive prompt, one compiled call per token, so a
+caller can show each token as it comes (`python -m pe_rlhf generate` / `chat`).
+
 Rows may differ in how they choose tokens: `greedy_B` marks rows that take the
 argmax, so ReMax's sampled and greedy rollouts run as one batch in one call.
 Log-probs are those of the model's own distribution (log-softmax of the raw
@@ -11,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -145,3 +149,48 @@ def sample(model: Transformer, prompt_BxT, prompt_mask_BxT=None, *, rng=None, ma
                           top_p=top_p)
     graphdef, state = nnx.split(model)
     return _sample_jit(graphdef, state, prompt_BxT, prompt_mask_BxT, greedy_B, rng, eos, int(pad), scfg)
+
+
+# -- one prompt, token by token ----------------------------------------------------------------------
+@functools.partial(jax.jit, static_argnums=0)
+def _prefill(graphdef, state, prompt_1xT, prompt_mask_1xT, cache):
+    model = nnx.merge(graphdef, state)
+    h_1xTxD, cache = model.hidden(prompt_1xT, input_mask_BxT=prompt_mask_1xT, cache=cache)
+    return model.logits(h_1xTxD[:, -1]), cache
+
+
+@functools.partial(jax.jit, static_argnums=(0, 5))
+def _next_token(graphdef, state, logits_1xV, cache, rng, cfg: SamplingConfig):
+    """The body of `sample_traced`'s loop for one live row: choose a token, then decode it."""
+    model = nnx.merge(graphdef, state)
+    tok_1 = _choose(logits_1xV, jnp.zeros((1,), bool), rng, cfg).astype(jnp.int32)
+    logits_1x1xV, cache = model.decode(tok_1[:, None], cache)
+    return tok_1[0], logits_1x1xV[:, 0], cache
+
+
+def stream(model: Transformer, prompt_ids: Sequence[int], *, rng=None, max_new_tokens: int = 64,
+           temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None, eos_ids=None,
+           bucket: int = 64) -> Iterator[int]:
+    """Yield the tokens `sample` would generate after one prompt, each as soon as it is chosen.
+
+    The same choice (`_choose`), the same per-step key splits and the same KV cache as `sample`,
+    but one jit-compiled call per token instead of one `while_loop`, so the caller sees tokens as
+    they come. The first EOS is yielded and ends the stream. The prompt is left-padded to a multiple
+    of `bucket` tokens, so prompts of similar length (the turns of a chat) share one compilation.
+    """
+    n = max_new_tokens
+    t = -(-len(prompt_ids) // bucket) * bucket
+    prompt_1xT = jnp.asarray([[0] * (t - len(prompt_ids)) + list(prompt_ids)], jnp.int32)
+    mask_1xT = jnp.arange(t)[None] >= t - len(prompt_ids)
+    eos = set(model.config.eos_token_ids if eos_ids is None else eos_ids)
+    cfg = SamplingConfig(max_new_tokens=n, temperature=float(temperature), top_k=top_k, top_p=top_p)
+    rng = jax.random.key(0) if rng is None else rng
+    graphdef, state = nnx.split(model)
+    logits_1xV, cache = _prefill(graphdef, state, prompt_1xT, mask_1xT, model.init_cache(1, t + n))
+    for _ in range(n):
+        rng, step_rng = jax.random.split(rng)
+        tok, logits_1xV, cache = _next_token(graphdef, state, logits_1xV, cache, step_rng, cfg)
+        tok = int(tok)
+        yield tok
+        if tok in eos:
+            return
