@@ -11,7 +11,7 @@
     python experiments/benchmark.py --topology v5e:2x2 --remat --frozen-dtype float32 bfloat16 --no-compile ...
 
 The grid is presets x tunings (full | lora<rank>) x stages (rm | reinforce | remax | ppo) x frozen dtypes;
-RL stages use `--rl-tunings` when given. Steps are built by `pe_rlhf.profiling.steps` from shapes alone.
+RL stages use `--rl-tunings` when given. Steps are built by `pe_rlhf.profiling.step_builders` from shapes alone.
 Each finished row is appended to `<out>/rows.jsonl` at once (a rerun skips rows already there; one
 directory holds one topology and one set of shapes); at the end the script writes `<out>/results.json`,
 `<out>/table.md`, three plots (peak by LoRA rank; LoRA / full by model size; ReMax / PPO), and prints the
@@ -38,13 +38,15 @@ TARGETS = {"lora_rm_memory": 0.40, "lora_rm_speedup": 1.5, "pe_remax_memory": 0.
 
 
 def parse_tuning(text: str):
-    """'full' or 'lora<rank>' (e.g. lora8) -> steps.Tuning."""
-    from pe_rlhf.profiling.steps import Tuning
+    """'full' or 'lora<rank>' (e.g. lora8) -> a TuningConfig (LoRA on the attention projections, alpha = 2 x rank)."""
+    from pe_rlhf.models.lora import LoRAConfig
+    from pe_rlhf.train.config import TuningConfig
 
     if text == "full":
-        return Tuning(mode="full")
+        return TuningConfig(mode="full")
     if text.startswith("lora") and text[4:].isdigit():
-        return Tuning(mode="lora", rank=int(text[4:]))
+        rank = int(text[4:])
+        return TuningConfig(mode="lora", lora=LoRAConfig(rank=rank, alpha=2.0 * rank, targets="attention"))
     raise SystemExit(f"--tunings: {text!r} is not 'full' or 'lora<rank>' (e.g. lora8)")
 
 
@@ -80,19 +82,27 @@ def row_setup(args, stage: str) -> dict:
     return {"where": where, **shapes, **({"ppo_epochs": args.ppo_epochs} if stage == "ppo" else {})}
 
 
-def run_row(args, preset_name: str, cfg, tuning, stage: str) -> dict:
-    from pe_rlhf.profiling import steps
+def run_row(args, preset_name: str, cfg, tuning, frozen_dtype: str, stage: str) -> dict:
+    from pe_rlhf.profiling import step_builders
 
     if stage == "rm":
-        spec = steps.build_rm_step(cfg, tuning, pairs=args.rm_pairs, seq_len=args.rm_len)
+        spec = step_builders.build_rm_step(cfg, tuning, pairs=args.rm_pairs, seq_len=args.rm_len,
+                                           frozen_dtype=frozen_dtype)
     else:
-        spec = steps.build_rl_step(cfg, tuning, algorithm=stage, prompts=args.rl_prompts,
-                                   prompt_len=args.prompt_len, new_tokens=args.new_tokens, ppo_epochs=args.ppo_epochs)
+        spec = step_builders.build_rl_step(cfg, tuning, algorithm=stage, prompts=args.rl_prompts,
+                                           prompt_len=args.prompt_len, new_tokens=args.new_tokens,
+                                           ppo_epochs=args.ppo_epochs, frozen_dtype=frozen_dtype)
     timed = args.local and args.time_iters > 0 and (args.time_presets is None or preset_name in args.time_presets)
-    report = steps.measure_step(spec, topology=args.topology, time_iters=args.time_iters if timed else 0)
-    return dict(report.as_dict(), preset=preset_name, tuning=tuning.label, stage=stage,
-                rank=None if tuning.mode == "full" else tuning.rank, frozen_dtype=tuning.frozen_dtype,
+    report = step_builders.measure_step(spec, topology=args.topology, time_iters=args.time_iters if timed else 0)
+    return dict(report.as_dict(), preset=preset_name, tuning=_label(tuning), stage=stage,
+                rank=None if tuning.mode == "full" else tuning.lora.rank, frozen_dtype=frozen_dtype,
                 setup=row_setup(args, stage))
+
+
+def _label(tuning) -> str:
+    from pe_rlhf.profiling.step_builders import tuning_label
+
+    return tuning_label(tuning)
 
 
 def _key(row) -> tuple:
@@ -100,7 +110,7 @@ def _key(row) -> tuple:
 
 
 def grid(args) -> list[tuple]:
-    """(preset index, preset, Tuning, stage) for presets x stages x tunings x frozen dtypes.
+    """(preset index, preset, TuningConfig, frozen dtype, stage) for presets x stages x tunings x frozen dtypes.
 
     A fully tuned reward model freezes nothing, so `build_rm_step` keeps it float32 whatever the frozen
     dtype; its rows are recorded (and compiled) once, as float32. Full RL steps do have frozen models
@@ -113,11 +123,10 @@ def grid(args) -> list[tuple]:
         for stage in args.stages:
             for text in args.rl_tunings if stage != "rm" and args.rl_tunings else args.tunings:
                 for dtype in args.frozen_dtype:
-                    tuning = dataclasses.replace(parse_tuning(text), frozen_dtype=dtype, remat=args.remat)
-                    if stage == "rm" and tuning.mode == "full":
-                        tuning = dataclasses.replace(tuning, frozen_dtype="float32")
-                    if (i, name, tuning, stage) not in out:
-                        out.append((i, name, tuning, stage))
+                    tuning = dataclasses.replace(parse_tuning(text), remat=args.remat)
+                    frozen = "float32" if stage == "rm" and tuning.mode == "full" else dtype
+                    if (i, name, tuning, frozen, stage) not in out:
+                        out.append((i, name, tuning, frozen, stage))
     return out
 
 
@@ -376,18 +385,17 @@ def main(argv=None):
     rows_path = os.path.join(args.out, "rows.jsonl")
     done = read_rows(rows_path, args)
     configs = {name: model_config(name, args.preset_override, i) for i, name in enumerate(args.presets)}
-    for i, name, tuning, stage in cells:
-        key = (name, tuning.label, stage, tuning.frozen_dtype)
+    for i, name, tuning, frozen, stage in cells:
+        key = (name, _label(tuning), stage, frozen)
         if key in done or args.no_compile:
             continue
-        print(f"[benchmark] {name} {stage} {tuning.label} {tuning.frozen_dtype} on {args.topology or 'local'} ...",
-              flush=True)
+        print(f"[benchmark] {name} {stage} {_label(tuning)} {frozen} on {args.topology or 'local'} ...", flush=True)
         try:
-            row = run_row(args, name, configs[name], tuning, stage)
+            row = run_row(args, name, configs[name], tuning, frozen, stage)
         except Exception as e:  # one failing row must not lose the others; it is recorded with its error
             traceback.print_exc()
-            row = {"preset": name, "tuning": tuning.label, "stage": stage, "frozen_dtype": tuning.frozen_dtype,
-                   "rank": None if tuning.mode == "full" else tuning.rank, "peak_bytes": None, "memory": None,
+            row = {"preset": name, "tuning": _label(tuning), "stage": stage, "frozen_dtype": frozen,
+                   "rank": None if tuning.mode == "full" else tuning.lora.rank, "peak_bytes": None, "memory": None,
                    "error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}",
                    "arg_bytes": {"frozen": 0, "trainable": 0, "opt_state": 0}, "setup": row_setup(args, stage)}
         print(f"[benchmark]   peak {_gib(row.get('peak_bytes'))} GiB, compile {row.get('compile_s', 0):.1f} s"
@@ -396,7 +404,7 @@ def main(argv=None):
             f.write(json.dumps(row) + "\n")
         done[key] = row
 
-    wanted = {(n, t.label, s, t.frozen_dtype) for _, n, t, s in cells}
+    wanted = {(n, _label(t), s, frozen) for _, n, t, frozen, s in cells}
     rows = [r for k, r in done.items() if k in wanted]
     sizes = {name: param_count(cfg) for name, cfg in configs.items()}
     ratio_rows = ratios(rows, args.presets)

@@ -50,7 +50,7 @@ def _batch(tokenizer, pairs: int, seq_len: int, layout: str):
     from pe_rlhf import data as D
     from pe_rlhf.data import packing
     from pe_rlhf.data.named import named_dataset
-    from pe_rlhf.train import steps
+    from pe_rlhf.train import supervised_steps
 
     prompt_len = seq_len * 3 // 4
     options = D.TokenizeOptions(max_prompt_len=prompt_len, max_response_len=seq_len - prompt_len)
@@ -59,12 +59,12 @@ def _batch(tokenizer, pairs: int, seq_len: int, layout: str):
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     if layout == "padded":
         real = sum(2 * len(p.prompt) + len(p.chosen) + len(p.rejected) for p in tokenized)
-        return D.batch_preferences(tokenized, seq_len=seq_len, pad_id=pad), steps.pairwise_reward_loss, real
+        return D.batch_preferences(tokenized, seq_len=seq_len, pad_id=pad), supervised_steps.pairwise_reward_loss, real
     real = sum(packing.packed_length(p) for p in tokenized)
     length = -(-real // packing.CHUNK) * packing.CHUNK
     batch = packing.pack(tokenized, packing.PackOptions(rows=1, length=length, items_per_row=pairs), pad_id=pad)
     span = packing.span(prompt_len, seq_len - prompt_len, 2)
-    return batch, functools.partial(steps.packed_pairwise_reward_loss, span=span), real
+    return batch, functools.partial(supervised_steps.packed_pairwise_reward_loss, span=span), real
 
 
 def measure(mode: str, layout: str, *, model: str, pairs: int, seq_len: int, iters: int, rank: int,
@@ -73,20 +73,19 @@ def measure(mode: str, layout: str, *, model: str, pairs: int, seq_len: int, ite
     import jax
     from flax import nnx
 
-    from pe_rlhf.models.heads import RewardModel
+    from pe_rlhf.checkpoints.load import load_backbone
     from pe_rlhf.models.lora import LoRAConfig
-    from pe_rlhf.profiling import compiled_memory, dot_rate, time_step
-    from pe_rlhf.train import steps
+    from pe_rlhf.profiling import dot_rate, time_step
+    from pe_rlhf.sharding.memory import compiled_memory
     from pe_rlhf.train.sharded import sharded_train_step
     from pe_rlhf.train.optim import OptimizerConfig, make_optimizer
-    from pe_rlhf.train.supervised import TuningConfig, load_backbone, prepare, trainable_filter
+    from pe_rlhf.train.supervised import TuningConfig, reward_model, trainable_filter
 
     t0 = time.perf_counter()
     tuning = TuningConfig(mode=mode, lora=LoRAConfig(rank=rank, alpha=2.0 * rank, targets="attention"))
     backbone, tokenizer = load_backbone(model, "float32")
     model_cfg = backbone.config
-    rm = RewardModel(backbone, adapters=("reward",) if mode == "lora" else None)
-    prepare(rm, backbone, tuning, "reward")
+    rm = reward_model(backbone, tuning, "reward")
     load_s = time.perf_counter() - t0
     rss_after_load = _peak_rss_bytes()
 
@@ -148,7 +147,7 @@ def measure(mode: str, layout: str, *, model: str, pairs: int, seq_len: int, ite
 
 
 def table(results: list[dict]) -> str:
-    from pe_rlhf.profiling.memory import format_bytes
+    from pe_rlhf.sharding.memory import format_bytes
 
     lines = ["| mode | layout | token slots (real) | XLA TFLOP | trainable params | median step (s) | all steps (s) "
              "| TRL (s) | step GFLOP/s (lone MLP dot) | compiled peak | peak RSS |",

@@ -34,7 +34,7 @@ def left_pad(tokenizer, batch):
 
 
 def bench_ours(path, batch, new_tokens, iters):
-    from pe_rlhf.models import from_pretrained
+    from pe_rlhf.checkpoints import from_pretrained
     from pe_rlhf.sampling import sample
 
     model, tokenizer = from_pretrained(path)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import functools
 import json
 import os
 import sys
@@ -28,6 +29,7 @@ from pe_rlhf.data import toy  # noqa: E402
 from pe_rlhf.eval import experiment as eval_experiment  # noqa: E402
 from pe_rlhf.eval import judge as eval_judge  # noqa: E402
 from pe_rlhf.eval import winrate  # noqa: E402
+from pe_rlhf.profiling.plan import plan_report  # noqa: E402
 from pe_rlhf.train import pipeline, rl_loop, supervised  # noqa: E402
 from pe_rlhf.train.policy import RLConfig  # noqa: E402
 from pe_rlhf.train.records import RunIdentityError  # noqa: E402
@@ -41,7 +43,8 @@ OPTIONS = (supervised.TuningConfig, supervised.LoopConfig, supervised.DataConfig
 
 
 def _register():
-    """Everything a config may bind, under short names."""
+    """Everything a config may bind, under short names; `include 'x.gin'` finds the shipped configs."""
+    gin.add_config_file_search_path(CONFIG_DIR)
     for fn in (supervised.train_reward_model, supervised.train_sft, rl_loop.train_policy, named_dataset, dataset_part, D.read_hh_harmless,
                D.read_taskmaster, D.read_preference_jsonl, D.read_labeled_jsonl, D.read_sft_jsonl,
                D.read_prompts_jsonl, pipeline.rlhf_pipeline, winrate.judge_policies, eval_experiment.rlhf_experiment):
@@ -102,9 +105,10 @@ def _missing_config(path: str) -> str:
 
 @gin.configurable
 def run(workdir: str, job=gin.REQUIRED, plan_only: str | None = None):
-    """Call the configured job with the workdir (or only plan its step's memory for a target)."""
+    """Call the configured job with the workdir, or (`plan_only`: 'local' or a TPU topology) hand it
+    `profiling.plan.plan_report` for that target, so it compiles its step from shapes and trains nothing."""
     if plan_only is not None:
-        return job(workdir=workdir, plan_only=plan_only)
+        return job(workdir=workdir, plan=functools.partial(plan_report, target=plan_only))
     return job(workdir=workdir)
 
 

@@ -195,9 +195,9 @@ def cmd_score(args) -> dict:
 
     from pe_rlhf import data as D
     from pe_rlhf.eval import judge as J
-    from pe_rlhf.eval import metrics as M
     from pe_rlhf.eval import winrate
     from pe_rlhf.runs import reward_model_workdir
+    from pe_rlhf.train import metrics as M
 
     if (args.jsonl is None) == (args.prompt is None or args.response is None):
         raise ValueError("score: give --jsonl FILE, or --prompt and --response (not both)")

@@ -19,6 +19,7 @@ import os
 from typing import Any
 
 from pe_rlhf.checkpoints.export import export_merged, export_peft, export_reward_head
+from pe_rlhf.checkpoints.load import load_backbone
 from pe_rlhf.models import lora
 from pe_rlhf.train.records import lora_config_of, read_run_info
 
@@ -90,7 +91,7 @@ class TrainedRun:
 
 def _restore_sft(path: str, info: dict, dtype: str):
     from pe_rlhf.checkpoints.orbax_io import RunCheckpointer
-    from pe_rlhf.train.supervised import TuningConfig, load_backbone, trainable_filter
+    from pe_rlhf.train.supervised import TuningConfig, trainable_filter
 
     backbone, tokenizer = load_backbone(info["model"], dtype)
     adapter = info["adapter"] if info["tuning"] == "lora" else None
@@ -108,7 +109,6 @@ def _restore_sft(path: str, info: dict, dtype: str):
 def load_run(path: str, *, dtype: str = "float32") -> TrainedRun:
     """The model a run trained (an SFT, RL or reward-model workdir, or a pipeline's policy), or a model source."""
     from pe_rlhf.eval import winrate
-    from pe_rlhf.train.supervised import load_backbone
 
     path = policy_source(path) if os.path.isdir(path) and not _stage(path) else path
     info = read_run_info(path) if os.path.isdir(path) else None

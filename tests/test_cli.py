@@ -18,7 +18,7 @@ from pe_rlhf import cli
 from pe_rlhf import data as D
 from pe_rlhf.data import toy
 from pe_rlhf.eval import judge as J
-from pe_rlhf.eval import metrics as M
+from pe_rlhf.train import metrics as M
 from pe_rlhf.eval import winrate as W
 from pe_rlhf.models import lora
 from pe_rlhf.models.tiny import tiny_model

@@ -68,10 +68,21 @@ class Scorers:
 
     @classmethod
     def load(cls, proxy_dir: str, judge_dir: str) -> "Scorers":
-        proxy_rm, proxy_tok, _ = winrate.load_reward_model(proxy_dir)
-        judge_rm, judge_tok, _ = winrate.load_reward_model(judge_dir)
-        return cls(J.reward_model_scorer(proxy_rm, proxy_tok), J.reward_model_scorer(judge_rm, judge_tok),
-                   proxy_dir, judge_dir)
+        scorers = []
+        for rm_dir in (proxy_dir, judge_dir):
+            rm, tokenizer, info = winrate.load_reward_model(rm_dir)
+            scorers.append(J.reward_model_scorer(rm, tokenizer, options=rm_budgets(info)))
+        return cls(*scorers, proxy_dir, judge_dir)
+
+
+def rm_budgets(info: dict) -> D.TokenizeOptions:
+    """The token budgets a reward model trained with (its run record), so it scores texts laid out as
+    in training: prompts cut from the left to the same length, responses from the right."""
+    data = (info.get("identity") or {}).get("data")
+    if data is None:  # a record without its data budgets: those of hh_rlhf.gin's reward models
+        return D.TokenizeOptions(max_prompt_len=128, max_response_len=64)
+    return D.TokenizeOptions(max_prompt_len=data["max_prompt_len"], max_response_len=data["max_response_len"],
+                             eos_id=data.get("eos_id"))
 
 
 def rm_agreement(scorers: Scorers, pairs: D.Loaded, z: float = J.wilson_interval.__defaults__[0]) -> dict:

@@ -26,6 +26,7 @@ import numpy as np
 from flax import nnx
 
 from pe_rlhf import data as D
+from pe_rlhf.checkpoints.load import load_backbone
 from pe_rlhf.eval import judge as J
 from pe_rlhf.models import lora
 from pe_rlhf.sampling.sampler import sample
@@ -62,7 +63,6 @@ def restore_rl_policy(workdir: str, info: dict, *, dtype: str = "float32",
     """
     from pe_rlhf.checkpoints.orbax_io import RunCheckpointer
     from pe_rlhf.train.policy import RLModules
-    from pe_rlhf.train.supervised import load_backbone
 
     backbone, tokenizer = load_backbone(info["model"], dtype)
     adapter = info.get("adapter", "policy")
@@ -93,8 +93,6 @@ def restore_rl_policy(workdir: str, info: dict, *, dtype: str = "float32",
 
 def load_policy(source: str, *, dtype: str = "float32", lora_config: lora.LoRAConfig | None = None):
     """(Transformer, tokenizer, description) of a model source, an SFT workdir or an RL workdir."""
-    from pe_rlhf.train.supervised import load_backbone
-
     info = _run_info(source) if os.path.isdir(source) else None
     if info is None:
         model, tokenizer = load_backbone(source, dtype)
@@ -178,7 +176,6 @@ def generate(model, tokenizer, prompts: Sequence[str], cfg: GenerationConfig = G
 def load_reward_model(workdir: str, *, dtype: str = "float32"):
     """(RewardModel on its own backbone, tokenizer, run_info) restored from a reward-model workdir."""
     from pe_rlhf.train.rl_loop import attach_reward_model
-    from pe_rlhf.train.supervised import load_backbone
 
     info = _run_info(workdir) or {}
     if info.get("stage") != "reward_model":
@@ -192,8 +189,6 @@ def load_reward_model(workdir: str, *, dtype: str = "float32"):
 def load_judge(source: str | Callable[[str, str], float], config: J.JudgeConfig = J.JudgeConfig(), *,
                dtype: str = "float32"):
     """A `RewardJudge` (reward-model workdir, or a rule function) or an `LMJudge` (any model source)."""
-    from pe_rlhf.train.supervised import load_backbone
-
     if callable(source):
         name = getattr(source, "__qualname__", repr(source))
         return J.RewardJudge(J.text_scorer(source), threshold=config.harmless_threshold, name=f"rule {name}")

@@ -1,4 +1,7 @@
-"""Peak memory before running (compiled and ahead-of-time for TPU slices), runtime memory, timing."""
+"""Peak memory before running (ahead of time for TPU slices), runtime memory, timing, step builders and plans.
+
+A compiled program's per-device memory (`MemoryReport`, `compiled_memory`) is `pe_rlhf.sharding.memory`'s.
+"""
 
 from pe_rlhf.profiling.aot import (
     GENERATIONS,
@@ -12,19 +15,12 @@ from pe_rlhf.profiling.aot import (
     topology,
     topology_devices,
 )
-from pe_rlhf.profiling.memory import (
-    MemoryReport,
-    compiled_memory,
-    lower_and_compile,
-    runtime_peak_bytes,
-    save_memory_profile,
-    trace,
-)
+from pe_rlhf.profiling.memory import lower_and_compile, runtime_peak_bytes, save_memory_profile, trace
 from pe_rlhf.profiling.timing import TimingReport, dot_rate, time_step
 
 __all__ = [
     "GENERATIONS", "AotReport", "TopologyError", "TpuTopology", "aot_memory_report", "compile_for_topology",
     "hbm_bytes_per_device", "parse_topology", "topology", "topology_devices",
-    "MemoryReport", "compiled_memory", "lower_and_compile", "runtime_peak_bytes", "save_memory_profile", "trace",
+    "lower_and_compile", "runtime_peak_bytes", "save_memory_profile", "trace",
     "TimingReport", "dot_rate", "time_step",
 ]

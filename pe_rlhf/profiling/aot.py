@@ -31,8 +31,8 @@ from typing import Any
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from pe_rlhf.profiling.memory import MemoryReport, compiled_memory, format_bytes
 from pe_rlhf.sharding.distributed import quiet_tpu_probe
+from pe_rlhf.sharding.memory import MemoryReport, compiled_memory, format_bytes
 from pe_rlhf.sharding.mesh import MeshConfig, make_mesh
 
 GIB = 1 << 30

@@ -2,7 +2,8 @@
 
 No model code here. Shapes: B sequences, N response tokens, K samples per
 prompt, V vocabulary. Functions are top-level with keyword options so gin can
-bind them by reference (e.g. `@rl.remax_advantages`).
+bind them by reference (e.g. `@rl.remax_advantages`). `ADVANTAGES` names the
+sequence-level estimators an RL step chooses from (`estimators.py`).
 """
 
 from pe_rlhf.rl.advantages import (
@@ -15,6 +16,15 @@ from pe_rlhf.rl.advantages import (
     reinforce_advantages,
     remax_advantages,
     rloo_advantages,
+)
+from pe_rlhf.rl.estimators import (
+    ADVANTAGES,
+    Estimator,
+    Scores,
+    grpo_estimate,
+    reinforce_estimate,
+    remax_estimate,
+    rloo_estimate,
 )
 from pe_rlhf.rl.kl import (
     KLOptions,
@@ -42,6 +52,7 @@ from pe_rlhf.rl.masked import masked_count, masked_mean, masked_sum, masked_var,
 __all__ = [
     "GRPOOptions", "discounted_returns", "gae_advantages", "grpo_advantages", "moving_average_baseline_advantages",
     "nonfinite_rows", "reinforce_advantages", "remax_advantages", "rloo_advantages",
+    "ADVANTAGES", "Estimator", "Scores", "grpo_estimate", "reinforce_estimate", "remax_estimate", "rloo_estimate",
     "KLOptions", "kl_k1", "kl_k2", "kl_k3", "kl_penalized_token_rewards", "last_real_token_mask", "sequence_kl",
     "token_mean_kl",
     "PPOOptions", "masked_entropy", "ppo_clip_fraction", "ppo_clipped_policy_loss", "ppo_clipped_value_loss",

@@ -21,18 +21,18 @@ import numpy as np
 from flax import nnx
 
 from pe_rlhf import data as D
-from pe_rlhf.models import lora
+from pe_rlhf.checkpoints.load import load_backbone
 from pe_rlhf.checkpoints.orbax_io import RunCheckpointer
+from pe_rlhf.models import lora
 from pe_rlhf.models.heads import RewardModel
-from pe_rlhf.sampling.sampler import SamplingConfig, sample_traced
+from pe_rlhf.sampling.sampler import SamplingConfig
 from pe_rlhf.train.loop import Job, train_loop
 from pe_rlhf.train.optim import OptimizerConfig, guard_nonfinite, make_optimizer
-from pe_rlhf.train.policy import RLConfig, RLModules
+from pe_rlhf.train.rollout import RLConfig, RLModules, rollout
 from pe_rlhf.train.records import lora_config_of, read_run_info, run_identity
 from pe_rlhf.train.sharded import sharded_rl_step
 from pe_rlhf.train.config import DataConfig, LoopConfig, TuningConfig
-from pe_rlhf.train.supervised import (load_backbone, plan_report,
-                                     trainable_filter)
+from pe_rlhf.train.supervised import trainable_filter
 
 log = logging.getLogger(__name__)
 
@@ -99,17 +99,10 @@ def rl_trainable_filter(tuning: TuningConfig, rl: RLConfig, adapter: str = "poli
 def _eval_rollout(graphdef, trainable, frozen, prompt_PxT, prompt_mask_PxT, rng, static):
     """Responses of the policy (or the anchor) on eval prompts (greedy at temperature 0), and their rewards."""
     reward_fn, eos_ids, pad_id, max_new_tokens, use_anchor, temperature = static
-    m = nnx.merge(graphdef, trainable, frozen)
-    cfg = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature)
-    ctx = m.as_anchor() if use_anchor else m.as_policy()
-    with ctx as model:
-        out = sample_traced(model, prompt_PxT, prompt_mask_PxT, jnp.zeros(prompt_PxT.shape[0], bool), rng, eos_ids,
-                            pad_id, cfg)
-    seq = jnp.concatenate([prompt_PxT, out.tokens_BxN], 1)
-    seq_mask = jnp.concatenate([prompt_mask_PxT.astype(bool), out.mask_BxN], 1)
-    reward = m.reward(seq, seq_mask) if m.reward is not None else reward_fn(prompt_PxT, prompt_mask_PxT,
-                                                                            out.tokens_BxN, out.mask_BxN)
-    return out.tokens_BxN, out.mask_BxN, reward
+    ro = rollout(nnx.merge(graphdef, trainable, frozen), prompt_PxT, prompt_mask_PxT, rng,
+                 SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature), reward_fn=reward_fn,
+                 eos_ids=eos_ids, pad_id=pad_id, use_anchor=use_anchor)
+    return ro.tokens_BxN, ro.mask_BxN, ro.rewards_B
 
 
 EVAL_PROMPTS = "eval_prompts.jsonl"
@@ -143,7 +136,7 @@ def train_policy(*, workdir: str, prompts: D.Loaded, model: str = "tiny", dtype:
                  optimizer: OptimizerConfig = OptimizerConfig(), loop: LoopConfig = LoopConfig(),
                  data: DataConfig = DataConfig(), reward_model: str | None = None,
                  reward_fn: Callable | None = None, adapter: str = "policy", eval_temperature: float = 0.0,
-                 eval_samples: int = 1, plan_only: str | None = None) -> dict:
+                 eval_samples: int = 1, plan: Callable[..., dict] | None = None) -> dict:
     """Optimise a policy with REINFORCE/ReMax/RLOO/GRPO against `reward_model` (an RM workdir) or `reward_fn`.
 
     `reward_fn(prompt_BxT, prompt_mask_BxT, response_BxN, response_mask_BxN) -> rewards_B` must be
@@ -152,10 +145,10 @@ def train_policy(*, workdir: str, prompts: D.Loaded, model: str = "tiny", dtype:
     starting policy's, written to `samples_<step>.jsonl`. The held-out prompts themselves go to
     `eval_prompts.jsonl`, for a judged comparison on prompts the policy never trained on.
     """
-    if plan_only is not None:  # compile the step from shapes for a topology; train nothing
-        return plan_report(workdir, stage="rl", model=model, dtype=dtype, tuning=tuning, loop=loop,
-                           prompt_len=data.max_prompt_len, response_len=rl.max_new_tokens, target=plan_only,
-                           optimizer=optimizer, algorithm=rl.algorithm)
+    if plan is not None:  # compile the step from shapes (`train_reward_model` says how); train nothing
+        return plan(workdir, stage="rl", model=model, dtype=dtype, tuning=tuning, loop=loop,
+                    prompt_len=data.max_prompt_len, response_len=rl.max_new_tokens, optimizer=optimizer,
+                    algorithm=rl.algorithm)
     if (reward_model is None) == (reward_fn is None):
         raise ValueError("train_policy needs exactly one of reward_model (an RM workdir) or reward_fn")
     # MODELS: one backbone for policy and anchor (and the reward model when it shares the base)

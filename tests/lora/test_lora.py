@@ -307,7 +307,7 @@ def test_errors_name_the_problem():
 # -- the real model ----------------------------------------------------------------------------------
 @pytest.mark.real_model
 def test_real_gemma_270m_rank8_attention(gemma_gguf_path):
-    from pe_rlhf.models import from_pretrained
+    from pe_rlhf.checkpoints import from_pretrained
 
     model, tokenizer = from_pretrained(gemma_gguf_path)
     tokens_BxT = jnp.asarray([tokenizer("The capital of France is")["input_ids"]])

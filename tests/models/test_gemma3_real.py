@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from pe_rlhf.models import from_pretrained
+from pe_rlhf.checkpoints import from_pretrained
 
 pytestmark = pytest.mark.real_model
 

@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
+from pe_rlhf.checkpoints import from_pretrained
 from pe_rlhf.checkpoints.hf import CheckpointError
-from pe_rlhf.models import UnsupportedModelError, from_pretrained
+from pe_rlhf.models import UnsupportedModelError
 from tests.models.helpers import hf_config, random_hf_model
 
 # hidden 64, intermediate 96 (see helpers.TINY); qwen2 so that biases are part of the name table.

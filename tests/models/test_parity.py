@@ -1,6 +1,6 @@
 """Our decoder against the transformers reference on tiny random checkpoints, one per family.
 
-Each checkpoint goes through `save_pretrained` and `pe_rlhf.models.from_pretrained`, so the
+Each checkpoint goes through `save_pretrained` and `pe_rlhf.checkpoints.from_pretrained`, so the
 config reading, the name table and the kernel orientation are all under test, not just the math.
 """
 
@@ -13,7 +13,7 @@ import torch
 from flax import nnx
 
 from pe_rlhf.checkpoints.hf import state_dict
-from pe_rlhf.models import from_pretrained
+from pe_rlhf.checkpoints import from_pretrained
 from tests.models.helpers import FAMILIES, hf_config, hf_logits, left_padded_batch, random_hf_model
 
 # Row 0 is full; rows 1 and 2 are left-padded. T=10 is longer than gemma3's sliding window of 4.

@@ -10,9 +10,8 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from pe_rlhf.profiling import (
-    MemoryReport, compiled_memory, lower_and_compile, runtime_peak_bytes, save_memory_profile, trace,
-)
+from pe_rlhf.profiling import lower_and_compile, runtime_peak_bytes, save_memory_profile, trace
+from pe_rlhf.sharding.memory import MemoryReport, compiled_memory
 
 F32 = 4
 

@@ -15,7 +15,7 @@ from pe_rlhf.models import Transformer, lora
 from pe_rlhf.models.heads import RewardModel
 from pe_rlhf.models.tiny import tiny_config
 from pe_rlhf.sharding import DEFAULT_RULES, MeshConfig, MeshError, ShardingRuleError
-from pe_rlhf.train import steps
+from pe_rlhf.train import supervised_steps
 from pe_rlhf.train.optim import OptimizerConfig, make_optimizer
 from pe_rlhf.train.policy import RLConfig, RLModules, rl_step
 from pe_rlhf.train.sharded import sharded_rl_step, sharded_train_step
@@ -27,7 +27,7 @@ CFG = tiny_config("llama", vocab_size=128, num_layers=1)
 # gradients themselves are compared through Adam's mu, to rtol 1e-5.
 LR = 1e-3
 # The centering term gives the head's bias a real gradient (Bradley-Terry alone cancels it to float noise).
-RM_LOSS = functools.partial(steps.pairwise_reward_loss, center_coef=0.01)
+RM_LOSS = functools.partial(supervised_steps.pairwise_reward_loss, center_coef=0.01)
 MESHES = {"data": MeshConfig(data=8), "fsdp": MeshConfig(data=2, fsdp=4),
           "tensor": MeshConfig(data=1, fsdp=2, tensor=4)}
 LORA = lora.LoRAConfig(rank=8, alpha=16.0, targets="all_linear")
@@ -118,7 +118,7 @@ def rm_reference():
         batches.append({"chosen_tokens_BxT": rng.integers(4, 100, (8, 12)).astype(np.int32),
                         "rejected_tokens_BxT": rng.integers(4, 100, (8, 12)).astype(np.int32),
                         "chosen_mask_BxT": mask(ch_len), "rejected_mask_BxT": mask(rj_len)})
-    step = jax.jit(functools.partial(steps.train_step, graphdef=graphdef, tx=tx, loss_fn=RM_LOSS))
+    step = jax.jit(functools.partial(supervised_steps.train_step, graphdef=graphdef, tx=tx, loss_fn=RM_LOSS))
     tr, opt, losses = trainable, tx.init(trainable), []
     for batch in batches:
         tr, opt, metrics = step(tr, opt, frozen, batch)

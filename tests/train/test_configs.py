@@ -159,7 +159,8 @@ def test_tiny_sft_runs_end_to_end_and_exports(registered, tmp_path):
     from flax import nnx
 
     from pe_rlhf.checkpoints.orbax_io import RunCheckpointer
-    from pe_rlhf.models import from_pretrained, lora
+    from pe_rlhf.checkpoints import from_pretrained
+    from pe_rlhf.models import lora
     from pe_rlhf.models.tiny import tiny_model
     from pe_rlhf.train.optim import guard_nonfinite, make_optimizer
     from pe_rlhf.train.supervised import trainable_filter

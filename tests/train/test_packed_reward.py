@@ -11,7 +11,7 @@ from pe_rlhf.data import packing as PK
 from pe_rlhf.models import lora
 from pe_rlhf.models.heads import RewardModel
 from pe_rlhf.models.tiny import tiny_model
-from pe_rlhf.train import steps
+from pe_rlhf.train import supervised_steps
 from pe_rlhf.train.optim import OptimizerConfig
 from pe_rlhf.train.supervised import DataConfig, LoopConfig, TuningConfig, train_reward_model
 
@@ -76,9 +76,10 @@ def test_packed_loss_and_adapter_gradients_equal_padded():
             return loss_fn(nnx.merge(graphdef, trainable, frozen), batch)
         return jax.value_and_grad(loss_of, has_aux=True)(trainable)
 
-    (loss_p, metrics_p), g_p = grads(lambda m, b: steps.packed_pairwise_reward_loss(m, b, span=SPAN,
-                                                                                    center_coef=0.1), packed)
-    (loss_d, metrics_d), g_d = grads(lambda m, b: steps.pairwise_reward_loss(m, b, center_coef=0.1), padded)
+    (loss_p, metrics_p), g_p = grads(lambda m, b: supervised_steps.packed_pairwise_reward_loss(m, b, span=SPAN,
+                                                                                              center_coef=0.1),
+                                     packed)
+    (loss_d, metrics_d), g_d = grads(lambda m, b: supervised_steps.pairwise_reward_loss(m, b, center_coef=0.1), padded)
     np.testing.assert_allclose(loss_p, loss_d, rtol=1e-5)
     np.testing.assert_allclose(metrics_p["accuracy"], metrics_d["accuracy"])
     for a, b in zip(jax.tree.leaves(g_p), jax.tree.leaves(g_d)):

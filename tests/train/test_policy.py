@@ -193,3 +193,45 @@ def test_chunked_response_logprobs_equal_the_full_softmax():
     g = nnx.grad(lambda m: response_logprobs(m, seq, mask, t, tokens, chunk=3)[0].sum())(backbone)
     for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g_full)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-5, rtol=1e-4)
+
+
+def test_one_rollout_holds_the_samples_then_the_greedy_rows():
+    from pe_rlhf.sampling.sampler import SamplingConfig
+    from pe_rlhf.train.rollout import rollout
+
+    graphdef, trainable, frozen, batch, reward_fn = setup()
+    prompts, mask = batch["prompt_BxT"][:3], batch["prompt_mask_BxT"][:3].at[1, 0].set(0)
+    m = nnx.merge(graphdef, trainable, frozen)
+    kw = dict(reward_fn=reward_fn, eos_ids=(1,), pad_id=0)
+    ro = rollout(m, prompts, mask, jax.random.key(0), SamplingConfig(max_new_tokens=6), samples_per_prompt=2,
+                 greedy=True, **kw)
+    assert ro.tokens_BxN.shape == (9, 6) and ro.num_sampled == 6
+    np.testing.assert_array_equal(np.asarray(ro.greedy_B), [False] * 6 + [True] * 3)
+    np.testing.assert_array_equal(np.asarray(ro.prompt_BxT), np.concatenate([np.repeat(prompts, 2, 0), prompts]))
+    np.testing.assert_array_equal(np.asarray(ro.prompt_mask_BxT)[[2, 3, 7]], np.asarray(mask, bool)[[1, 1, 1]])
+    np.testing.assert_array_equal(np.asarray(ro.rewards_B),
+                                  np.asarray(reward_fn(ro.prompt_BxT, ro.prompt_mask_BxT, ro.tokens_BxN, ro.mask_BxN)))
+    sampled, greedy = ro.split()
+    np.testing.assert_array_equal(np.asarray(sampled.tokens_BxN), np.asarray(ro.tokens_BxN)[:6])
+    assert not np.asarray(sampled.greedy_B).any() and np.asarray(greedy.greedy_B).all()
+    # the greedy rows are what a temperature-0 rollout of the same prompts decodes
+    alone = rollout(m, prompts, mask, jax.random.key(1), SamplingConfig(max_new_tokens=6, temperature=0.0), **kw)
+    np.testing.assert_array_equal(np.asarray(greedy.tokens_BxN), np.asarray(alone.tokens_BxN))
+    assert alone.split()[1] is None and alone.ref_logprobs_BxN is None
+
+
+def test_an_estimator_added_to_the_registry_is_an_algorithm(monkeypatch):
+    from pe_rlhf import rl
+
+    def zero_estimate(scores, cfg, baseline):
+        return jnp.zeros_like(scores.sampled_S), jnp.zeros(()), baseline
+
+    with pytest.raises(ValueError, match="expected one of 'remax', 'reinforce', 'rloo', 'grpo', 'ppo'"):
+        RLConfig(algorithm="zero")
+    monkeypatch.setitem(rl.ADVANTAGES, "zero", rl.Estimator(zero_estimate))
+    graphdef, trainable, frozen, batch, reward_fn = setup()
+    tx = optax.sgd(1.0)
+    step = make_step(graphdef, tx, RLConfig(algorithm="zero", max_new_tokens=4), reward_fn, donate=False)
+    new, _, _, m = step(trainable, tx.init(trainable), frozen, {"baseline": jnp.zeros(())}, batch, jax.random.key(0))
+    assert float(m["advantage_std"]) == 0.0 and float(m["grad_norm"]) == 0.0 and float(m["reward_mean"]) > 0
+    jax.tree.map(np.testing.assert_array_equal, new, trainable)  # no advantage, no update

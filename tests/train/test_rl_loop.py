@@ -10,12 +10,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from pe_rlhf.checkpoints.load import load_backbone
 from pe_rlhf.data import read_prompts_jsonl, toy
 from pe_rlhf.models import lora
 from pe_rlhf.train.optim import OptimizerConfig
 from pe_rlhf.train.policy import RLConfig
 from pe_rlhf.train.rl_loop import RewardModelMismatch, attach_reward_model, train_policy
-from pe_rlhf.train.supervised import DataConfig, LoopConfig, TuningConfig, load_backbone
+from pe_rlhf.train.supervised import DataConfig, LoopConfig, TuningConfig
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 

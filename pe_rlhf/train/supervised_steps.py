@@ -1,4 +1,5 @@
-"""Pure train steps: `step(trainable, opt_state, frozen, batch) -> (trainable, opt_state, metrics)`.
+"""The supervised stages' pure train step (reward models, SFT) and the losses it takes over a merged module:
+`step(trainable, opt_state, frozen, batch) -> (trainable, opt_state, metrics)`. (The RL step is `policy.py`.)
 
 `trainable` is the LoRA adapters (+ head) in parameter-efficient mode, or every parameter when
 fully fine-tuning; `frozen` is the rest. The split is made once, with `nnx.split(model, filter, ...)`,
@@ -16,7 +17,8 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from pe_rlhf.train import losses
+from pe_rlhf.train.supervised_losses import (bradley_terry_loss, binary_cross_entropy_loss, masked_token_loss,
+                                             next_token_loss)
 
 
 # -- loss functions over a merged module ---------------------------------------------------
@@ -26,26 +28,25 @@ def pairwise_reward_loss(model, batch, *, center_coef: float = 0.0):
     tokens = jnp.concatenate([batch["chosen_tokens_BxT"], batch["rejected_tokens_BxT"]], axis=0)
     mask = jnp.concatenate([batch["chosen_mask_BxT"], batch["rejected_mask_BxT"]], axis=0)
     r_2B = model(tokens, mask)
-    return losses.bradley_terry_loss(r_2B[:b], r_2B[b:], batch.get("margin_B"), center_coef=center_coef)
+    return bradley_terry_loss(r_2B[:b], r_2B[b:], batch.get("margin_B"), center_coef=center_coef)
 
 
 def classification_reward_loss(model, batch):
     """Binary cross-entropy of a RewardModel's score against 0/1 labels."""
-    return losses.binary_cross_entropy_loss(model(batch["tokens_BxT"], batch["mask_BxT"]), batch["label_B"])
+    return binary_cross_entropy_loss(model(batch["tokens_BxT"], batch["mask_BxT"]), batch["label_B"])
 
 
 def packed_pairwise_reward_loss(model, batch, *, span: int, center_coef: float = 0.0):
     """Bradley-Terry over a packed batch (`data.packing`): each pair's prompt computed once."""
     r_RxPx2 = model.score_packed(batch, span)
-    return losses.bradley_terry_loss(r_RxPx2[..., 0].ravel(), r_RxPx2[..., 1].ravel(), batch["margin_RxP"].ravel(),
-                                     center_coef=center_coef, weights_B=batch["valid_RxP"].ravel())
+    return bradley_terry_loss(r_RxPx2[..., 0].ravel(), r_RxPx2[..., 1].ravel(), batch["margin_RxP"].ravel(),
+                              center_coef=center_coef, weights_B=batch["valid_RxP"].ravel())
 
 
 def packed_classification_reward_loss(model, batch, *, span: int):
     """Binary cross-entropy over a packed batch of labelled responses."""
     r_RxP = model.score_packed(batch, span)[..., 0]
-    return losses.binary_cross_entropy_loss(r_RxP.ravel(), batch["label_RxP"].ravel(),
-                                            weights_B=batch["valid_RxP"].ravel())
+    return binary_cross_entropy_loss(r_RxP.ravel(), batch["label_RxP"].ravel(), weights_B=batch["valid_RxP"].ravel())
 
 
 def sft_loss(model, batch, *, response_window: int | None = None):
@@ -59,7 +60,7 @@ def sft_loss(model, batch, *, response_window: int | None = None):
     tokens_BxT, response_BxT = batch["tokens_BxT"], batch["response_mask_BxT"]
     if response_window is None:
         logits_BxTxV = model(tokens_BxT, input_mask_BxT=batch["mask_BxT"].astype(bool))
-        return losses.next_token_loss(logits_BxTxV, tokens_BxT, response_BxT)
+        return next_token_loss(logits_BxTxV, tokens_BxT, response_BxT)
     h_BxTxD, _ = model.hidden(tokens_BxT, input_mask_BxT=batch["mask_BxT"].astype(bool))
     t = tokens_BxT.shape[1]
     start_B = jnp.argmax(response_BxT > 0, axis=1)  # first response token (0 for a row without one)
@@ -69,7 +70,7 @@ def sft_loss(model, batch, *, response_window: int | None = None):
     h_BxWxD = jnp.take_along_axis(h_BxTxD, jnp.maximum(target_BxW - 1, 0)[..., None], axis=1)
     logits_BxWxV = model.logits(h_BxWxD)
     mask_BxW = jnp.take_along_axis(response_BxT, target_BxW, axis=1) * inside_BxW * (start_B > 0)[:, None]
-    return losses.masked_token_loss(logits_BxWxV, jnp.take_along_axis(tokens_BxT, target_BxW, axis=1), mask_BxW)
+    return masked_token_loss(logits_BxWxV, jnp.take_along_axis(tokens_BxT, target_BxW, axis=1), mask_BxW)
 
 
 # -- the step -------------------------------------------------------------------------------

@@ -5,27 +5,27 @@ import math
 import jax.numpy as jnp
 import numpy as np
 
-from pe_rlhf.eval.metrics import classification_metrics, pairwise_metrics, roc_auc
 from pe_rlhf.models.heads import RewardModel, last_real_index
 from pe_rlhf.models.tiny import tiny_model
-from pe_rlhf.train import losses
+from pe_rlhf.train import supervised_losses
+from pe_rlhf.train.metrics import classification_metrics, pairwise_metrics, roc_auc
 
 
 def test_bradley_terry_by_hand():
     rc, rr = jnp.array([2.0, 0.0]), jnp.array([1.0, 1.0])
-    loss, m = losses.bradley_terry_loss(rc, rr)
+    loss, m = supervised_losses.bradley_terry_loss(rc, rr)
     # -log σ(1) = log(1 + e^-1) = 0.3132617; -log σ(-1) = 1.3132617
     np.testing.assert_allclose(float(loss), (0.31326169 + 1.31326169) / 2, rtol=1e-6)
     assert float(m["accuracy"]) == 0.5
-    loss_m, _ = losses.bradley_terry_loss(rc, rr, jnp.array([1.0, 0.0]))  # margin 1 on the first pair
+    loss_m, _ = supervised_losses.bradley_terry_loss(rc, rr, jnp.array([1.0, 0.0]))  # margin 1 on the first pair
     np.testing.assert_allclose(float(loss_m), (math.log(2) + 1.31326169) / 2, rtol=1e-6)
-    loss_c, m = losses.bradley_terry_loss(rc, rr, center_coef=0.1)  # + 0.1 * mean(9, 1)
+    loss_c, m = supervised_losses.bradley_terry_loss(rc, rr, center_coef=0.1)  # + 0.1 * mean(9, 1)
     np.testing.assert_allclose(float(loss_c), float(loss) + 0.5, rtol=1e-6)
     np.testing.assert_allclose(float(m["bt_nll"]), float(loss), rtol=1e-6)
 
 
 def test_binary_cross_entropy_by_hand():
-    loss, m = losses.binary_cross_entropy_loss(jnp.array([0.0, 2.0, -1.0]), jnp.array([1.0, 0.0, 0.0]))
+    loss, m = supervised_losses.binary_cross_entropy_loss(jnp.array([0.0, 2.0, -1.0]), jnp.array([1.0, 0.0, 0.0]))
     expected = (math.log(2) + math.log(1 + math.e ** 2) + math.log(1 + math.e ** -1)) / 3
     np.testing.assert_allclose(float(loss), expected, rtol=1e-6)
     np.testing.assert_allclose(float(m["accuracy"]), 1 / 3, rtol=1e-6)  # 0 -> predicted negative
@@ -36,10 +36,10 @@ def test_next_token_loss_counts_response_only():
     logits = jnp.zeros((1, 3, 2)).at[0, 1].set(jnp.array([0.0, math.log(3)]))
     tokens = jnp.array([[0, 1, 1]])
     mask = jnp.array([[0, 0, 1]])  # only token 2 (predicted from position 1) counts
-    loss, m = losses.next_token_loss(logits, tokens, mask)
+    loss, m = supervised_losses.next_token_loss(logits, tokens, mask)
     np.testing.assert_allclose(float(loss), -math.log(0.75), rtol=1e-6)
     assert float(m["tokens"]) == 1.0
-    loss_all, _ = losses.next_token_loss(logits, tokens, jnp.array([[0, 1, 1]]))
+    loss_all, _ = supervised_losses.next_token_loss(logits, tokens, jnp.array([[0, 1, 1]]))
     np.testing.assert_allclose(float(loss_all), (math.log(2) - math.log(0.75)) / 2, rtol=1e-6)
 
 

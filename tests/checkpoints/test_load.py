@@ -2,7 +2,7 @@
 
 import pytest
 
-from pe_rlhf.train.supervised import load_backbone
+from pe_rlhf.checkpoints.load import load_backbone
 
 KNOWN = "gemma3-270m, tiny, tiny-gemma3, tiny-llama, tiny-qwen2, tiny-qwen3"
 

@@ -1,6 +1,7 @@
 """Abstract step builders: shapes against real states, compiled argument bytes against a hand count,
 LoRA below full, PE-ReMax below full PPO, memory growing with batch (tiny configs, CPU)."""
 
+import dataclasses
 import functools
 
 import jax
@@ -13,14 +14,16 @@ from pe_rlhf.models import lora
 from pe_rlhf.models.heads import RewardModel
 from pe_rlhf.models.tiny import tiny_config
 from pe_rlhf.models.transformer import Transformer
-from pe_rlhf.profiling import steps
+from pe_rlhf.profiling.step_builders import (build_rl_step, build_rm_step, concrete_args, measure_step, reported_usage,
+                                            tree_bytes)
+from pe_rlhf.train.config import TuningConfig
 from pe_rlhf.train.optim import OptimizerConfig, make_optimizer
 from pe_rlhf.train.policy import RLModules
 
 F32, I32 = 4, 4
 CFG = tiny_config("llama")  # V=100, D=64, 2 layers, 4 heads, 2 KV heads, head_dim 16, F=128, tied embedding
-LORA4 = steps.Tuning(mode="lora", rank=4)
-FULL = steps.Tuning(mode="full")
+LORA4 = TuningConfig(mode="lora", lora=lora.LoRAConfig(rank=4, alpha=8.0))
+FULL = TuningConfig(mode="full")
 
 # Hand count of the tiny llama's parameters.
 PER_LAYER = (64 * 64 + 2 * 64 * 32 + 64 * 64  # q, k, v, o (4 query heads x 16, 2 KV heads x 16)
@@ -35,16 +38,14 @@ HEAD_PARAMS = 64 + 1
 def report(kind: str, pairs: int = 2):
     """Compiled reports, cached across tests (each compile costs seconds on the shared CPU)."""
     if kind == "rm-lora":
-        return steps.measure_step(steps.build_rm_step(CFG, LORA4, pairs=pairs, seq_len=16),
-                                  time_iters=2 if pairs == 2 else 0)
+        return measure_step(build_rm_step(CFG, LORA4, pairs=pairs, seq_len=16), time_iters=2 if pairs == 2 else 0)
     if kind == "rm-full":
-        return steps.measure_step(steps.build_rm_step(CFG, FULL, pairs=pairs, seq_len=16))
+        return measure_step(build_rm_step(CFG, FULL, pairs=pairs, seq_len=16))
     if kind == "remax-lora":
-        return steps.measure_step(steps.build_rl_step(CFG, LORA4, algorithm="remax", prompts=pairs, prompt_len=8,
-                                                      new_tokens=4))
+        return measure_step(build_rl_step(CFG, LORA4, algorithm="remax", prompts=pairs, prompt_len=8, new_tokens=4))
     if kind == "ppo-full":
-        return steps.measure_step(steps.build_rl_step(CFG, FULL, algorithm="ppo", prompts=pairs, prompt_len=8,
-                                                      new_tokens=4, ppo_epochs=2))
+        return measure_step(build_rl_step(CFG, FULL, algorithm="ppo", prompts=pairs, prompt_len=8, new_tokens=4,
+                                          ppo_epochs=2))
     raise KeyError(kind)
 
 
@@ -53,7 +54,7 @@ def _shapes(tree):
 
 
 def test_abstract_rm_args_match_real_states():
-    spec = steps.build_rm_step(CFG, LORA4, pairs=2, seq_len=16)
+    spec = build_rm_step(CFG, LORA4, pairs=2, seq_len=16)
     backbone = Transformer(CFG, rngs=nnx.Rngs(1))
     lora.add_lora(backbone, "reward", lora.LoRAConfig(rank=4, alpha=8.0, targets="attention"))
     rm = RewardModel(backbone, adapters=("reward",))
@@ -64,14 +65,14 @@ def test_abstract_rm_args_match_real_states():
     assert _shapes(abs_frozen) == _shapes(frozen)
     assert _shapes(abs_opt) == _shapes(opt_state)
     assert batch["chosen_tokens_BxT"].shape == (2, 16) and batch["rejected_mask_BxT"].dtype == jnp.int32
-    assert steps.tree_bytes(trainable) == (LORA4_PARAMS + HEAD_PARAMS) * F32 == 14596
-    assert steps.tree_bytes(frozen) == BASE_PARAMS * F32 == 321792
+    assert tree_bytes(trainable) == (LORA4_PARAMS + HEAD_PARAMS) * F32 == 14596
+    assert tree_bytes(frozen) == BASE_PARAMS * F32 == 321792
 
 
 @pytest.mark.parametrize("mode", ["lora", "full"])
 def test_abstract_ppo_args_match_real_states(mode):
-    spec = steps.build_rl_step(CFG, steps.Tuning(mode=mode, rank=4), algorithm="ppo", prompts=2, prompt_len=8,
-                               new_tokens=4)
+    spec = build_rl_step(CFG, LORA4 if mode == "lora" else FULL, algorithm="ppo", prompts=2, prompt_len=8,
+                         new_tokens=4)
     if mode == "lora":  # one backbone: policy, reward, value adapters; value head trains, reward head is frozen
         backbone = Transformer(CFG, rngs=nnx.Rngs(1))
         for name in ("policy", "reward", "value"):
@@ -91,11 +92,11 @@ def test_abstract_ppo_args_match_real_states(mode):
     assert _shapes(abs_opt) == _shapes(make_optimizer(OptimizerConfig()).init(trainable))
     assert batch["prompt_BxT"].shape == (2, 8) and rl_state["baseline"].shape == ()
     if mode == "lora":  # policy + value adapters and the value head; the backbone and reward head frozen
-        assert steps.tree_bytes(trainable) == (2 * LORA4_PARAMS + HEAD_PARAMS) * F32
-        assert steps.tree_bytes(frozen) == (BASE_PARAMS + LORA4_PARAMS + HEAD_PARAMS) * F32
+        assert tree_bytes(trainable) == (2 * LORA4_PARAMS + HEAD_PARAMS) * F32
+        assert tree_bytes(frozen) == (BASE_PARAMS + LORA4_PARAMS + HEAD_PARAMS) * F32
     else:
-        assert steps.tree_bytes(trainable) == (2 * BASE_PARAMS + HEAD_PARAMS) * F32
-        assert steps.tree_bytes(frozen) == (2 * BASE_PARAMS + HEAD_PARAMS) * F32
+        assert tree_bytes(trainable) == (2 * BASE_PARAMS + HEAD_PARAMS) * F32
+        assert tree_bytes(frozen) == (2 * BASE_PARAMS + HEAD_PARAMS) * F32
 
 
 @pytest.mark.parametrize("kind, trainable_params, frozen_params", [
@@ -142,23 +143,23 @@ def test_memory_grows_with_batch():
 
 
 def test_reported_usage_and_bad_options():
-    assert steps.reported_usage("RESOURCE_EXHAUSTED: Ran out of memory in memory space hbm. Used 20.5G of "
-                                "15.75G hbm. Exceeded hbm capacity by 4.75G.") == int(20.5 * 2**30)
-    assert steps.reported_usage("Used 512.0M of 15.75G hbm") == 512 * 2**20
-    assert steps.reported_usage("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO "
-                                "temporaries (16.24G) exceeds available HBM (15.75G).") == int(16.24 * 2**30)
-    assert steps.reported_usage("some other error") is None
-    with pytest.raises(ValueError, match="Tuning.mode='qlora'; choose lora or full"):
-        steps.Tuning(mode="qlora")
+    assert reported_usage("RESOURCE_EXHAUSTED: Ran out of memory in memory space hbm. Used 20.5G of "
+                          "15.75G hbm. Exceeded hbm capacity by 4.75G.") == int(20.5 * 2**30)
+    assert reported_usage("Used 512.0M of 15.75G hbm") == 512 * 2**20
+    assert reported_usage("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO "
+                          "temporaries (16.24G) exceeds available HBM (15.75G).") == int(16.24 * 2**30)
+    assert reported_usage("some other error") is None
+    with pytest.raises(ValueError, match="frozen_dtype='float16'; choose float32 or bfloat16"):
+        build_rm_step(CFG, LORA4, pairs=1, seq_len=4, frozen_dtype="float16")
     with pytest.raises(ValueError, match="algorithm='grpo'; choose one of reinforce, remax, ppo"):
-        steps.build_rl_step(CFG, algorithm="grpo", prompts=1, prompt_len=4, new_tokens=2)
+        build_rl_step(CFG, algorithm="grpo", prompts=1, prompt_len=4, new_tokens=2)
 
 
 def test_remat_blocks_compute_the_same_update():
-    plain = steps.build_rm_step(CFG, LORA4, pairs=2, seq_len=16)
-    remat = steps.build_rm_step(CFG, steps.Tuning(mode="lora", rank=4, remat=True), pairs=2, seq_len=16)
+    plain = build_rm_step(CFG, LORA4, pairs=2, seq_len=16)
+    remat = build_rm_step(CFG, dataclasses.replace(LORA4, remat=True), pairs=2, seq_len=16)
     assert remat.name == "rm/lora-r4-remat" and _shapes(remat.args) == _shapes(plain.args)
-    args = steps.concrete_args(plain, seed=3)
+    args = concrete_args(plain, seed=3)
     (tr_a, _, m_a), (tr_b, _, m_b) = jax.jit(plain.fn)(*args), jax.jit(remat.fn)(*args)
     assert float(m_a["loss"]) == pytest.approx(float(m_b["loss"]), rel=1e-6)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), tr_a, tr_b)

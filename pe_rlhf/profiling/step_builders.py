@@ -3,20 +3,23 @@
 A builder returns a `StepSpec`: the pure step function, its ABSTRACT arguments
 (`jax.ShapeDtypeStruct` trees; models come from `nnx.eval_shape`, so a full-size
 preset costs no memory) and which arguments are donated (the trainable state and
-its optimizer state). Two steps, full or LoRA (`Tuning`):
+its optimizer state). Two steps, full or LoRA (`train.config.TuningConfig`, as a job takes it),
+with the frozen weights in `frozen_dtype`:
 
 - `build_rm_step`: one Bradley-Terry update of a reward model on B pairs x T tokens
-  (`train.steps.train_step` with `pairwise_reward_loss`).
+  (`train.supervised_steps.train_step` with `pairwise_reward_loss`), the model assembled and
+  split as `train_reward_model` does it (`train.supervised.reward_model`, `trainable_filter`).
 - `build_rl_step`: one `train.policy.rl_step` (reinforce | remax | ppo) on B prompts
   of T tokens with N new tokens. LoRA ("PE") mode is the PE-RLHF layout: ONE
   frozen backbone carries a `policy` adapter, a `reward` adapter + head (and for
   PPO a `value` adapter + head); the KL anchor is that backbone with adapters off.
   Full mode is the layout the ReMax and PE-RLHF papers compare against: a fully
   tuned policy, a SEPARATE frozen anchor (reference) and reward model, and for
-  PPO a separate fully tuned value model.
+  PPO a separate fully tuned value model. What trains is `train.rl_loop.rl_trainable_filter`'s.
 
 `compile_step(spec, mesh=..., topology=...)` compiles it for local devices or,
-ahead of time, for a TPU slice; `measure_step` returns a `StepReport` (per-device
+ahead of time, for a TPU slice, its arguments placed as training places them
+(`train.sharded.step_shardings`); `measure_step` returns a `StepReport` (per-device
 peak = argument + output + temp - alias from XLA's memory analysis, the argument
 breakdown, and the median step time when run locally on random arrays).
 """
@@ -34,7 +37,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh
 
 from pe_rlhf.models import lora
 from pe_rlhf.models.config import ModelConfig
@@ -42,50 +45,38 @@ from pe_rlhf.models.heads import RewardModel
 from pe_rlhf.models.transformer import Transformer
 from pe_rlhf.profiling.aot import compile_for_topology
 from pe_rlhf.profiling.aot import topology as aot_topology
-from pe_rlhf.profiling.memory import MemoryReport, compiled_memory, format_bytes, lower_and_compile
+from pe_rlhf.profiling.memory import lower_and_compile
 from pe_rlhf.profiling.timing import time_step
+from pe_rlhf.sharding.memory import MemoryReport, compiled_memory, format_bytes
 from pe_rlhf.sharding.mesh import MeshConfig
-from pe_rlhf.sharding.rules import batch_shardings, named_sharding, path_str
-from pe_rlhf.train import steps as train_steps
+from pe_rlhf.sharding.rules import path_str
+from pe_rlhf.train import supervised_steps
+from pe_rlhf.train.config import TuningConfig
 from pe_rlhf.train.optim import OptimizerConfig, make_optimizer
 from pe_rlhf.train.policy import RLConfig, RLModules, rl_step
+from pe_rlhf.train.rl_loop import rl_trainable_filter
+from pe_rlhf.train.sharded import BATCH, REPLICATED, step_shardings
+from pe_rlhf.train.supervised import reward_model, trainable_filter
 
 RL_ALGORITHMS = ("reinforce", "remax", "ppo")
+FROZEN_DTYPES = ("float32", "bfloat16")  # of what stays frozen; what trains is float32
 
 
-@dataclasses.dataclass(frozen=True)
-class Tuning:
-    """Full fine-tuning or LoRA, and the dtype of what stays frozen.
+def tuning_label(tuning: TuningConfig) -> str:
+    """'full', 'lora-r8', 'lora-r8-remat': how a step's name and a benchmark row name what trains."""
+    return ("full" if tuning.mode == "full" else f"lora-r{tuning.lora.rank}") + ("-remat" if tuning.remat else "")
 
-    Defaults: PE-RLHF (arXiv 2403.10704) puts LoRA on the attention projections;
-    alpha = 2 * rank. Trainable weights and their Adam moments are always float32;
-    `frozen_dtype='bfloat16'` halves the frozen backbone (and the full-mode anchor
-    and reward model).
-    """
 
-    mode: str = "lora"  # lora | full
-    rank: int = 8
-    targets: str = "attention"
-    frozen_dtype: str = "float32"
-    remat: bool = False  # rematerialise each decoder block in the backward pass (saves its input only)
-
-    def __post_init__(self):
-        if self.mode not in ("lora", "full"):
-            raise ValueError(f"Tuning.mode={self.mode!r}; choose lora or full")
-        if self.frozen_dtype not in ("float32", "bfloat16"):
-            raise ValueError(f"Tuning.frozen_dtype={self.frozen_dtype!r}; choose float32 or bfloat16")
-
-    @property
-    def label(self) -> str:
-        return ("full" if self.mode == "full" else f"lora-r{self.rank}") + ("-remat" if self.remat else "")
-
-    def lora_config(self) -> lora.LoRAConfig:
-        return lora.LoRAConfig(rank=self.rank, alpha=2.0 * self.rank, targets=self.targets)
+def _frozen(frozen_dtype: str):
+    if frozen_dtype not in FROZEN_DTYPES:
+        raise ValueError(f"frozen_dtype={frozen_dtype!r}; choose {' or '.join(FROZEN_DTYPES)}")
+    return jnp.dtype(frozen_dtype)
 
 
 @dataclasses.dataclass(frozen=True)
 class StepSpec:
-    """A step function, its abstract arguments (named), and the argument indices it donates."""
+    """A step function, its abstract arguments (named), the argument indices it donates, and how each argument
+    after (trainable, opt_state, frozen) is placed on a mesh (`train.sharded.BATCH` or `REPLICATED`)."""
 
     name: str
     fn: Callable
@@ -94,6 +85,7 @@ class StepSpec:
     donate_argnums: tuple[int, ...]
     vocab_size: int
     estimates: dict[str, int]  # bytes of named buffers the step creates (global, not per device)
+    placement: tuple[str, ...]
 
     def arg_bytes(self) -> dict[str, int]:
         """Global bytes of each argument, e.g. {'trainable': ..., 'opt_state': ..., 'frozen': ..., 'batch': ...}."""
@@ -116,22 +108,15 @@ def _transformer(cfg: ModelConfig, dtype, seed: int, remat: bool) -> Transformer
 
 
 # -- builders ---------------------------------------------------------------------------------
-def build_rm_step(cfg: ModelConfig, tuning: Tuning = Tuning(), *, pairs: int, seq_len: int,
-                  optimizer: OptimizerConfig = OptimizerConfig()) -> StepSpec:
-    """The Bradley-Terry step on `pairs` x `seq_len`: LoRA adapter + head train, or every parameter."""
-    dtype = jnp.dtype(tuning.frozen_dtype if tuning.mode == "lora" else "float32")
+def build_rm_step(cfg: ModelConfig, tuning: TuningConfig = TuningConfig(), *, pairs: int, seq_len: int,
+                  frozen_dtype: str = "float32", optimizer: OptimizerConfig = OptimizerConfig()) -> StepSpec:
+    """The Bradley-Terry step on `pairs` x `seq_len`: LoRA adapter + head train, or every parameter.
 
-    def build():
-        backbone = _transformer(cfg, dtype, 0, tuning.remat)
-        if tuning.mode == "full":
-            return RewardModel(backbone)
-        lora.add_lora(backbone, "reward", tuning.lora_config())
-        return RewardModel(backbone, adapters=("reward",))
-
-    model = nnx.eval_shape(build)
-    trainable_filter = (nnx.Param if tuning.mode == "full"
-                        else nnx.Any(lora.adapter_filter("reward"), nnx.PathContains("head")))
-    graphdef, trainable, frozen = nnx.split(model, trainable_filter, ...)
+    The backbone is `frozen_dtype` in LoRA mode; a fully tuned reward model freezes nothing and is float32.
+    """
+    dtype = _frozen(frozen_dtype) if tuning.mode == "lora" else jnp.dtype("float32")
+    model = nnx.eval_shape(lambda: reward_model(Transformer(cfg, dtype=dtype, rngs=nnx.Rngs(0)), tuning, "reward"))
+    graphdef, trainable, frozen = nnx.split(model, trainable_filter(tuning, "reward"), ...)
     tx = make_optimizer(optimizer)
     opt_state = jax.eval_shape(tx.init, trainable)
     tokens = jax.ShapeDtypeStruct((pairs, seq_len), jnp.int32)
@@ -139,39 +124,32 @@ def build_rm_step(cfg: ModelConfig, tuning: Tuning = Tuning(), *, pairs: int, se
              "chosen_mask_BxT": tokens, "rejected_mask_BxT": tokens}
 
     def step(trainable, opt_state, frozen, batch):
-        return train_steps.train_step(trainable, opt_state, frozen, batch, graphdef=graphdef, tx=tx,
-                                      loss_fn=train_steps.pairwise_reward_loss)
+        return supervised_steps.train_step(trainable, opt_state, frozen, batch, graphdef=graphdef, tx=tx,
+                                           loss_fn=supervised_steps.pairwise_reward_loss)
 
     rows = 2 * pairs
     estimates = {"hidden_per_layer": rows * seq_len * cfg.hidden_size * 4,
                  "attention_probs_per_layer": rows * cfg.num_heads * seq_len * seq_len * 4}
-    return StepSpec(f"rm/{tuning.label}", step, (trainable, opt_state, frozen, batch),
-                    ("trainable", "opt_state", "frozen", "batch"), (0, 1), cfg.vocab_size, estimates)
+    return StepSpec(f"rm/{tuning_label(tuning)}", step, (trainable, opt_state, frozen, batch),
+                    ("trainable", "opt_state", "frozen", "batch"), (0, 1), cfg.vocab_size, estimates, (BATCH,))
 
 
-def _value_or_head(names: tuple[str, ...], heads: tuple[str, ...]):
-    """Filter: LoRAParams of adapters `names`, and every Param under a top-level module in `heads` named head."""
-    adapters = lora.adapter_filter(*names)
-
-    def is_trainable(path, value) -> bool:
-        return adapters(path, value) or (path[0] in heads and "head" in path and isinstance(value, nnx.Param))
-
-    return is_trainable
-
-
-def build_rl_step(cfg: ModelConfig, tuning: Tuning = Tuning(), *, algorithm: str = "remax", prompts: int,
-                  prompt_len: int, new_tokens: int, ppo_epochs: int = 4,
+def build_rl_step(cfg: ModelConfig, tuning: TuningConfig = TuningConfig(), *, algorithm: str = "remax",
+                  prompts: int, prompt_len: int, new_tokens: int, ppo_epochs: int = 4, frozen_dtype: str = "float32",
                   optimizer: OptimizerConfig = OptimizerConfig()) -> StepSpec:
-    """One RL update (reinforce | remax | ppo) on `prompts` x `prompt_len` + `new_tokens` sampled tokens."""
+    """One RL update (reinforce | remax | ppo) on `prompts` x `prompt_len` + `new_tokens` sampled tokens.
+
+    The shared backbone (LoRA), or the anchor and reward model (full), are `frozen_dtype`; what trains is float32.
+    """
     if algorithm not in RL_ALGORITHMS:
         raise ValueError(f"build_rl_step: algorithm={algorithm!r}; choose one of {', '.join(RL_ALGORITHMS)}")
     ppo = algorithm == "ppo"
-    frozen_dtype = jnp.dtype(tuning.frozen_dtype)
+    frozen_dtype = _frozen(frozen_dtype)
 
     def build_pe():
         backbone = _transformer(cfg, frozen_dtype, 0, tuning.remat)
         for name in ("policy", "reward") + (("value",) if ppo else ()):
-            lora.add_lora(backbone, name, tuning.lora_config())
+            lora.add_lora(backbone, name, tuning.lora)
         value = RewardModel(backbone, adapters=("value",)) if ppo else None
         return RLModules(backbone, policy_adapters=("policy",), anchor=None,
                          reward=RewardModel(backbone, adapters=("reward",)), value=value)
@@ -182,16 +160,11 @@ def build_rl_step(cfg: ModelConfig, tuning: Tuning = Tuning(), *, algorithm: str
         return RLModules(model(jnp.float32, 0), policy_adapters=(), anchor=model(frozen_dtype, 1),
                          reward=RewardModel(model(frozen_dtype, 2)), value=value)
 
-    if tuning.mode == "lora":
-        modules = nnx.eval_shape(build_pe)
-        trainable_filter = _value_or_head(("policy", "value") if ppo else ("policy",), ("value",))
-    else:
-        modules = nnx.eval_shape(build_full)
-        trainable_filter = lambda path, value: isinstance(value, nnx.Param) and path[0] in ("policy", "value")
-    graphdef, trainable, frozen = nnx.split(modules, trainable_filter, ...)
+    rl_cfg = RLConfig(algorithm=algorithm, max_new_tokens=new_tokens, ppo_epochs=ppo_epochs)
+    modules = nnx.eval_shape(build_pe if tuning.mode == "lora" else build_full)
+    graphdef, trainable, frozen = nnx.split(modules, rl_trainable_filter(tuning, rl_cfg, "policy"), ...)
     tx = make_optimizer(optimizer)
     opt_state = jax.eval_shape(tx.init, trainable)
-    rl_cfg = RLConfig(algorithm=algorithm, max_new_tokens=new_tokens, ppo_epochs=ppo_epochs)
     prompt = jax.ShapeDtypeStruct((prompts, prompt_len), jnp.int32)
     batch = {"prompt_BxT": prompt, "prompt_mask_BxT": prompt}
     rl_state = {"baseline": jax.ShapeDtypeStruct((), jnp.float32)}
@@ -207,36 +180,20 @@ def build_rl_step(cfg: ModelConfig, tuning: Tuning = Tuning(), *, algorithm: str
         "response_logits": rows * new_tokens * cfg.vocab_size * 4,  # one [rows, N, V] float32 block
         "kv_cache": 2 * cfg.num_layers * rows * length * cfg.num_kv_heads * cfg.head_dim * compute_itemsize,
     }
-    return StepSpec(f"{algorithm}/{tuning.label}", step, (trainable, opt_state, frozen, rl_state, batch, rng),
+    return StepSpec(f"{algorithm}/{tuning_label(tuning)}", step, (trainable, opt_state, frozen, rl_state, batch, rng),
                     ("trainable", "opt_state", "frozen", "rl_state", "batch", "rng"), (0, 1), cfg.vocab_size,
-                    estimates)
+                    estimates, (REPLICATED, BATCH, REPLICATED))
 
 
 # -- shardings and compilation ------------------------------------------------------------------
 def arg_shardings(spec: StepSpec, mesh: Mesh) -> tuple:
-    """Shardings of `spec.args` over `mesh`: parameters by their logical axes, the batch over data axes.
-
-    Optimizer moments carry the parameters' Variable metadata (Optax maps over the nnx.State), so they
-    shard like their parameters; other leaves (step counts, the baseline, the PRNG key) are replicated.
-    """
-    replicated = NamedSharding(mesh, PartitionSpec())
-
-    def place(path, x):
-        if isinstance(x, nnx.Variable):
-            axes = x.get_metadata().get("logical_axes")
-            shape = x.get_value().shape
-            if axes is None or len(axes) != len(shape):
-                return x.replace(replicated)
-            return x.replace(named_sharding(mesh, axes, shape, where=f"parameter {path_str(path)}"))
-        return replicated
-
-    out = []
-    for name, arg in zip(spec.arg_names, spec.args):
-        if name == "batch":
-            out.append(batch_shardings(arg, mesh))
-        else:
-            out.append(jax.tree_util.tree_map_with_path(place, arg, is_leaf=lambda v: isinstance(v, nnx.Variable)))
-    return tuple(out)
+    """Shardings of `spec.args` over `mesh`, as training places them (`train.sharded.step_shardings`):
+    parameters by their logical axes, optimizer moments like their parameters, the batch over data axes,
+    the rest (step counts, the baseline, the PRNG key) replicated. A parameter no rule places is an error."""
+    trainable, opt_state, frozen, *rest = spec.args
+    s = step_shardings(mesh, trainable=trainable, opt_state=opt_state, frozen=frozen, rest=rest,
+                       placement=spec.placement)
+    return (s.trainable, s.opt_state, s.frozen, *s.rest)
 
 
 def compile_step(spec: StepSpec, mesh: Mesh | None = None, topology: str | None = None, *,
@@ -393,5 +350,6 @@ def measure_step(spec: StepSpec, *, topology: str | None = None, mesh: Mesh | No
                       flops=compiled_flops(compiled))
 
 
-__all__ = ["RL_ALGORITHMS", "StepReport", "StepSpec", "Tuning", "arg_shardings", "build_rl_step", "build_rm_step",
-           "compile_step", "compiled_flops", "concrete_args", "measure_step", "reported_usage", "tree_bytes"]
+__all__ = ["FROZEN_DTYPES", "RL_ALGORITHMS", "StepReport", "StepSpec", "arg_shardings", "build_rl_step",
+           "build_rm_step", "compile_step", "compiled_flops", "concrete_args", "measure_step", "reported_usage",
+           "tree_bytes", "tuning_label"]
