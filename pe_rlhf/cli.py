@@ -203,9 +203,13 @@ def cmd_score(args) -> dict:
         raise ValueError("score: give --jsonl FILE, or --prompt and --response (not both)")
     rm_dir = reward_model_workdir(args.reward_model)
     with _loading():
-        rm, tokenizer, _ = winrate.load_reward_model(rm_dir, dtype=args.dtype)
-    score = J.reward_model_scorer(rm, tokenizer, batch_size=args.batch_size, options=D.TokenizeOptions(
-        max_prompt_len=args.max_prompt_len, max_response_len=args.max_response_len))
+        rm, tokenizer, info = winrate.load_reward_model(rm_dir, dtype=args.dtype)
+    # by default, the budgets the reward model trained with (its run record), else 512 + 256
+    data = (info.get("identity") or {}).get("data") or {}
+    options = D.TokenizeOptions(
+        max_prompt_len=args.max_prompt_len or data.get("max_prompt_len", 512),
+        max_response_len=args.max_response_len or data.get("max_response_len", 256), eos_id=data.get("eos_id"))
+    score = J.reward_model_scorer(rm, tokenizer, batch_size=args.batch_size, options=options)
     if args.jsonl is None:
         kind, examples = "responses", [D.PromptResponse(args.prompt, args.response)]
     else:
@@ -299,8 +303,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--jsonl", help="pairs {prompt, chosen, rejected}: pairwise accuracy; {prompt, response, "
                                    "label}: accuracy and ROC AUC; {prompt, response}: scores")
     p.add_argument("--out", help="write one JSON line of scores per row here")
-    p.add_argument("--max_prompt_len", type=int, default=512)
-    p.add_argument("--max_response_len", type=int, default=256)
+    p.add_argument("--max_prompt_len", type=int, default=None,
+                   help="prompt tokens kept (from the left); default: the reward model's training budget")
+    p.add_argument("--max_response_len", type=int, default=None,
+                   help="response tokens kept; default: the reward model's training budget")
     p.add_argument("--batch_size", type=int, default=16)
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
 
