@@ -45,6 +45,13 @@ def _same_vocab(a, b) -> bool:
     return a is b or (len(a) == len(b) and a.get_vocab() == b.get_vocab())
 
 
+def _same_model(a: str, b: str) -> bool:
+    """Whether two model sources name the same checkpoint (a relative and an absolute path may)."""
+    if a == b:
+        return True
+    return os.path.exists(a) and os.path.exists(b) and os.path.samefile(a, b)
+
+
 def attach_reward_model(backbone, tokenizer, rm_workdir: str, *, policy_model: str, dtype: str,
                         policy_tuning: str = "lora") -> RewardModel:
     """The reward model trained in `rm_workdir`, restored from its latest checkpoint.
@@ -60,7 +67,7 @@ def attach_reward_model(backbone, tokenizer, rm_workdir: str, *, policy_model: s
     if info.get("stage") != "reward_model":
         raise RewardModelMismatch(f"{rm_workdir}/run_info.json: stage is {info.get('stage')!r}, not a reward model")
     adapter, lora_cfg = info["adapter"], lora_config_of(info)
-    shared = info["tuning"] == "lora" and info["model"] == policy_model and policy_tuning == "lora"
+    shared = info["tuning"] == "lora" and _same_model(info["model"], policy_model) and policy_tuning == "lora"
     if shared:
         lora.add_lora(backbone, adapter, lora_cfg)
         rm = RewardModel(backbone, adapters=(adapter,))
