@@ -23,7 +23,6 @@ import dataclasses
 import functools
 import json
 import os
-import resource
 from typing import Callable, Sequence
 
 import jax
@@ -34,6 +33,7 @@ from flax import nnx
 from pe_rlhf import data as D
 from pe_rlhf.eval import judge as J
 from pe_rlhf.eval import winrate
+from pe_rlhf.train.loop import rss_peak_bytes
 from pe_rlhf.train.policy import response_logprobs
 from pe_rlhf.train.stages import run_stage, write_json_atomic
 
@@ -132,7 +132,7 @@ def sequence_logprobs(model, tokenizer, prompts: Sequence[str], responses: Seque
 
 
 # -- one policy ---------------------------------------------------------------------------------------
-def policy_responses(workdir: str, *, policy: str, prompts: Sequence[str], cfg: EvalConfig,
+def policy_responses(*, policy: str, prompts: Sequence[str], cfg: EvalConfig,
                      baseline_model=None) -> tuple[list, np.ndarray | None]:
     """Greedy responses of `policy` and, with a baseline model, per-prompt KL estimates to it.
 
@@ -154,14 +154,10 @@ def policy_responses(workdir: str, *, policy: str, prompts: Sequence[str], cfg: 
     return greedy, kl
 
 
-def _rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
 def evaluate_policy(*, workdir: str, name: str, policy: str, prompts: Sequence[str], scorers: Scorers,
                     cfg: EvalConfig, baseline: dict | None = None, baseline_model=None) -> dict:
     """Responses, scores and (against `baseline`, the SFT model's evaluation) paired comparisons."""
-    greedy, kl = policy_responses(workdir, policy=policy, prompts=prompts, cfg=cfg, baseline_model=baseline_model)
+    greedy, kl = policy_responses(policy=policy, prompts=prompts, cfg=cfg, baseline_model=baseline_model)
     texts = [g.text for g in greedy]
     proxy, judge = scorers.proxy(prompts, texts), scorers.judge(prompts, texts)
     eos = np.array([g.ended_with_eos for g in greedy])
@@ -193,7 +189,7 @@ def evaluate_policy(*, workdir: str, name: str, policy: str, prompts: Sequence[s
                                            harmless=False, z=z)
         summary["judge_win_rate"] = {k: tally[k] for k in ("wins", "ties", "losses", "win_rate", "win_rate_ci")}
         summary["identical_to_sft"] = int(sum(t == b["response"] for t, b in zip(texts, base)))
-    summary["rss_peak_bytes_process"] = _rss_bytes()
+    summary["rss_peak_bytes_process"] = rss_peak_bytes()
     write_json_atomic(os.path.join(workdir, "summary.json"), summary)
     return summary
 

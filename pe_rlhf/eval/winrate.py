@@ -30,6 +30,7 @@ from pe_rlhf.checkpoints.load import load_backbone
 from pe_rlhf.eval import judge as J
 from pe_rlhf.models import lora
 from pe_rlhf.sampling.sampler import sample
+from pe_rlhf.train.records import lora_config_of, read_run_info
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,14 +47,6 @@ class GenerationConfig:
 
 
 # -- policies --------------------------------------------------------------------------------------
-def _run_info(directory: str) -> dict | None:
-    path = os.path.join(directory, "run_info.json")
-    if not os.path.isfile(path):
-        return None
-    with open(path) as f:
-        return json.load(f)
-
-
 def restore_rl_policy(workdir: str, info: dict, *, dtype: str = "float32",
                       lora_config: lora.LoRAConfig | None = None, merged: bool = True):
     """(Transformer, tokenizer, step) of the policy trained in an RL workdir, at its latest checkpoint.
@@ -67,12 +60,8 @@ def restore_rl_policy(workdir: str, info: dict, *, dtype: str = "float32",
     backbone, tokenizer = load_backbone(info["model"], dtype)
     adapter = info.get("adapter", "policy")
     if info["tuning"] == "lora":
-        cfg = info.get("lora")
-        if cfg is not None:
-            cfg = lora.LoRAConfig(**cfg)
-        elif lora_config is not None:
-            cfg = lora_config
-        else:
+        cfg = lora_config_of(info) or lora_config
+        if cfg is None:
             raise ValueError(
                 f"{workdir}/run_info.json records no LoRA options (rank, alpha, targets) for adapter {adapter!r}; "
                 "pass lora_config=LoRAConfig(...) as the RL run was configured")
@@ -93,7 +82,7 @@ def restore_rl_policy(workdir: str, info: dict, *, dtype: str = "float32",
 
 def load_policy(source: str, *, dtype: str = "float32", lora_config: lora.LoRAConfig | None = None):
     """(Transformer, tokenizer, description) of a model source, an SFT workdir or an RL workdir."""
-    info = _run_info(source) if os.path.isdir(source) else None
+    info = read_run_info(source) if os.path.isdir(source) else None
     if info is None:
         model, tokenizer = load_backbone(source, dtype)
         desc = source
@@ -177,7 +166,7 @@ def load_reward_model(workdir: str, *, dtype: str = "float32"):
     """(RewardModel on its own backbone, tokenizer, run_info) restored from a reward-model workdir."""
     from pe_rlhf.train.rl_loop import attach_reward_model
 
-    info = _run_info(workdir) or {}
+    info = read_run_info(workdir) or {}
     if info.get("stage") != "reward_model":
         raise ValueError(f"{workdir}: not a reward-model workdir (run_info.json stage {info.get('stage')!r})")
     backbone, tokenizer = load_backbone(info["model"], dtype)
@@ -192,7 +181,7 @@ def load_judge(source: str | Callable[[str, str], float], config: J.JudgeConfig 
     if callable(source):
         name = getattr(source, "__qualname__", repr(source))
         return J.RewardJudge(J.text_scorer(source), threshold=config.harmless_threshold, name=f"rule {name}")
-    info = _run_info(source) if os.path.isdir(source) else None
+    info = read_run_info(source) if os.path.isdir(source) else None
     if info is not None and info.get("stage") == "reward_model":
         rm, tokenizer, _ = load_reward_model(source, dtype=dtype)
         return J.RewardJudge(J.reward_model_scorer(rm, tokenizer), threshold=config.harmless_threshold,

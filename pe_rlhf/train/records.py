@@ -9,11 +9,10 @@ evaluation intervals, learning rate) may change on resume and are logged.
 
 from __future__ import annotations
 
-import json
 import os
 
 from pe_rlhf.models import lora
-from pe_rlhf.train.stages import strict_json, write_json_atomic
+from pe_rlhf.train.stages import read_json, strict_json, write_json_atomic
 
 RUN_INFO = "run_info.json"
 
@@ -23,11 +22,7 @@ class RunIdentityError(ValueError):
 
 
 def read_run_info(workdir: str) -> dict | None:
-    path = os.path.join(workdir, RUN_INFO)
-    if not os.path.isfile(path):
-        return None
-    with open(path) as f:
-        return json.load(f)
+    return read_json(os.path.join(workdir, RUN_INFO))
 
 
 def write_run_info(workdir: str, info: dict) -> None:

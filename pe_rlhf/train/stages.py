@@ -42,13 +42,17 @@ def write_json_atomic(path: str, value) -> None:
     os.replace(tmp, path)
 
 
-def finished(stage_dir: str) -> dict | None:
-    """The record of a finished stage (what its job returned, its wall time), or None."""
-    path = os.path.join(stage_dir, DONE)
+def read_json(path: str) -> dict | None:
+    """The JSON object in `path`, or None when there is no such file."""
     if not os.path.isfile(path):
         return None
     with open(path) as f:
         return json.load(f)
+
+
+def finished(stage_dir: str) -> dict | None:
+    """The record of a finished stage (what its job returned, its wall time), or None."""
+    return read_json(os.path.join(stage_dir, DONE))
 
 
 def missing_outputs(stage_dir: str, outputs: Sequence[str]) -> list[str]:

@@ -1,6 +1,5 @@
 """The windowed SFT loss (vocabulary projection only where responses are) equals the full one."""
 
-import functools
 
 import jax
 import numpy as np
