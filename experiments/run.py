@@ -31,6 +31,7 @@ from pe_rlhf.eval import judge as eval_judge  # noqa: E402
 from pe_rlhf.eval import winrate  # noqa: E402
 from pe_rlhf.profiling.plan import plan_report  # noqa: E402
 from pe_rlhf.train import pipeline, rl_loop, supervised  # noqa: E402
+from pe_rlhf.train import preference  # noqa: E402
 from pe_rlhf.train.policy import RLConfig  # noqa: E402
 from pe_rlhf.train.records import RunIdentityError  # noqa: E402
 from pe_rlhf.train.optim import OptimizerConfig  # noqa: E402
@@ -49,6 +50,7 @@ def _register():
                D.read_taskmaster, D.read_preference_jsonl, D.read_labeled_jsonl, D.read_sft_jsonl,
                D.read_prompts_jsonl, pipeline.rlhf_pipeline, winrate.judge_policies, eval_experiment.rlhf_experiment):
         gin.external_configurable(fn, name=fn.__name__)
+    gin.external_configurable(preference.train_dpo, name="train_dpo")
     for fn in (toy.preference_pairs, toy.sft_demonstrations, toy.prompts, toy.gold_reward):
         gin.external_configurable(fn, name=fn.__name__, module="toy")
     for cls in OPTIONS:

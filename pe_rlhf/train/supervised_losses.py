@@ -1,4 +1,4 @@
-"""Reward-model and SFT losses: pure functions of scores, labels and masks."""
+"""Reward-model, SFT and direct-preference (DPO, IPO) losses: pure functions of scores, log-probs and masks."""
 
 from __future__ import annotations
 
@@ -70,3 +70,51 @@ def masked_token_loss(logits_BxNxV, targets_BxN, mask_BxN):
     count = jnp.maximum(mask_BxN.sum(), 1.0)
     loss = -(logp_BxN * mask_BxN).sum() / count
     return loss, {"loss": loss, "tokens": mask_BxN.sum(), "perplexity": jnp.exp(loss)}
+
+
+# -- direct preference optimisation: the policy's log-probs against a reference's ------------------------
+def _preference_metrics(loss, chosen_reward_B, rejected_reward_B, weights_B):
+    """(loss, metrics): the implicit rewards beta * (log p - log p_ref), their accuracy and margin."""
+    chosen_reward_B = jax.lax.stop_gradient(chosen_reward_B)
+    rejected_reward_B = jax.lax.stop_gradient(rejected_reward_B)
+    return loss, {
+        "loss": loss,
+        "accuracy": _mean((chosen_reward_B > rejected_reward_B).astype(jnp.float32), weights_B),
+        "chosen_reward": _mean(chosen_reward_B, weights_B),
+        "rejected_reward": _mean(rejected_reward_B, weights_B),
+        "reward_margin": _mean(chosen_reward_B - rejected_reward_B, weights_B),
+    }
+
+
+def dpo_loss(policy_chosen_logp_B, policy_rejected_logp_B, ref_chosen_logp_B, ref_rejected_logp_B, *,
+             beta: float, label_smoothing: float = 0.0, weights_B=None):
+    """DPO (Rafailov et al., 2023, eq. 7): -log σ(β h), h = (log π_c - log π_r) - (log π_ref_c - log π_ref_r).
+
+    `label_smoothing` ε > 0 is conservative DPO (Mitchell, 2023), as TRL's `label_smoothing`: each label
+    is taken to be flipped with probability ε, -(1 - ε) log σ(β h) - ε log σ(-β h). Log-probs are of whole
+    responses (summed over their tokens). `weights_B` (0/1) leaves filler pairs out of every mean.
+    Returns (loss, metrics) with the implicit rewards β (log π - log π_ref) of chosen and rejected.
+    """
+    h_B = (policy_chosen_logp_B - policy_rejected_logp_B) - (ref_chosen_logp_B - ref_rejected_logp_B)
+    losses_B = (-(1.0 - label_smoothing) * jax.nn.log_sigmoid(beta * h_B)
+                - label_smoothing * jax.nn.log_sigmoid(-beta * h_B))
+    return _preference_metrics(_mean(losses_B, weights_B), beta * (policy_chosen_logp_B - ref_chosen_logp_B),
+                               beta * (policy_rejected_logp_B - ref_rejected_logp_B), weights_B)
+
+
+def ipo_loss(policy_chosen_logp_B, policy_rejected_logp_B, ref_chosen_logp_B, ref_rejected_logp_B, *,
+             beta: float, weights_B=None):
+    """IPO (Azar et al., 2023, eq. 17, their τ is β): (h - 1/(2β))², h as in `dpo_loss`.
+
+    It regresses the log-ratio difference to a finite target instead of pushing it to infinity. TRL's
+    DPOTrainer (loss_type="ipo") feeds it log-probs averaged over each response's tokens, and so does
+    `supervised_steps.preference_loss`; this function takes whatever log-probs it is given. Returns
+    (loss, metrics) as `dpo_loss`.
+    """
+    h_B = (policy_chosen_logp_B - policy_rejected_logp_B) - (ref_chosen_logp_B - ref_rejected_logp_B)
+    losses_B = jnp.square(h_B - 1.0 / (2.0 * beta))
+    return _preference_metrics(_mean(losses_B, weights_B), beta * (policy_chosen_logp_B - ref_chosen_logp_B),
+                               beta * (policy_rejected_logp_B - ref_rejected_logp_B), weights_B)
+
+
+PREFERENCE_LOSSES = ("dpo", "ipo")

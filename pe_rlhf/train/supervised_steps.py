@@ -1,4 +1,4 @@
-"""The supervised stages' pure train step (reward models, SFT) and the losses it takes over a merged module:
+"""The supervised stages' pure train step (reward models, SFT, DPO/IPO) and the losses it takes over a merged module:
 `step(trainable, opt_state, frozen, batch) -> (trainable, opt_state, metrics)`. (The RL step is `policy.py`.)
 
 `trainable` is the LoRA adapters (+ head) in parameter-efficient mode, or every parameter when
@@ -17,8 +17,9 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from pe_rlhf.train.supervised_losses import (bradley_terry_loss, binary_cross_entropy_loss, masked_token_loss,
-                                             next_token_loss)
+from pe_rlhf.train.rollout import response_logprobs
+from pe_rlhf.train.supervised_losses import (PREFERENCE_LOSSES, bradley_terry_loss, binary_cross_entropy_loss,
+                                             dpo_loss, ipo_loss, masked_token_loss, next_token_loss)
 
 
 # -- loss functions over a merged module ---------------------------------------------------
@@ -71,6 +72,47 @@ def sft_loss(model, batch, *, response_window: int | None = None):
     logits_BxWxV = model.logits(h_BxWxD)
     mask_BxW = jnp.take_along_axis(response_BxT, target_BxW, axis=1) * inside_BxW * (start_B > 0)[:, None]
     return masked_token_loss(logits_BxWxV, jnp.take_along_axis(tokens_BxT, target_BxW, axis=1), mask_BxW)
+
+
+def response_sequence_logprobs(model, prompt_BxT, prompt_mask_BxT, tokens_BxN, mask_BxN, *, average: bool = False):
+    """log p(response | prompt) of each row, summed over its response tokens (or, `average`, their mean).
+
+    The RL layout: prompts left-padded to T, responses right-padded after them to N; the vocabulary
+    projection runs over chunks of response positions only (`rollout.response_logprobs`).
+    """
+    seq_BxL = jnp.concatenate([prompt_BxT, tokens_BxN], axis=1)
+    seq_mask_BxL = jnp.concatenate([prompt_mask_BxT, mask_BxN], axis=1).astype(bool)
+    logp_BxN, _ = response_logprobs(model, seq_BxL, seq_mask_BxL, prompt_BxT.shape[1], tokens_BxN)
+    mask_BxN = mask_BxN.astype(jnp.float32)
+    total_B = jnp.sum(logp_BxN * mask_BxN, axis=1)
+    return total_B / jnp.maximum(mask_BxN.sum(axis=1), 1.0) if average else total_B
+
+
+def preference_loss(m, batch, *, beta: float, loss: str = "dpo", label_smoothing: float = 0.0):
+    """DPO or IPO on an `RLModules` (`m.as_policy()`, `m.as_anchor()`) over a batch of pairs.
+
+    The policy (the backbone with its adapter on) and the reference (`m.as_anchor()`: the same backbone
+    with every adapter off, or a frozen copy when fully tuning) score the chosen and the rejected
+    responses, each in one forward of 2B rows, in the same function; the reference under stop_gradient.
+    IPO uses per-token mean log-probs, DPO summed ones (as TRL's DPOTrainer). Batch keys: prompt_BxT,
+    prompt_mask_BxT, {chosen,rejected}_BxN, {chosen,rejected}_mask_BxN, optional valid_B.
+    """
+    if loss not in PREFERENCE_LOSSES:
+        raise ValueError(f"preference loss {loss!r}: expected one of {PREFERENCE_LOSSES}")
+    b = batch["prompt_BxT"].shape[0]
+    rows = (jnp.concatenate([batch["prompt_BxT"]] * 2), jnp.concatenate([batch["prompt_mask_BxT"]] * 2),
+            jnp.concatenate([batch["chosen_BxN"], batch["rejected_BxN"]]),
+            jnp.concatenate([batch["chosen_mask_BxN"], batch["rejected_mask_BxN"]]))
+    average = loss == "ipo"
+    with m.as_policy() as policy:
+        logp_2B = response_sequence_logprobs(policy, *rows, average=average)
+    with m.as_anchor() as reference:
+        ref_logp_2B = jax.lax.stop_gradient(response_sequence_logprobs(reference, *rows, average=average))
+    args = (logp_2B[:b], logp_2B[b:], ref_logp_2B[:b], ref_logp_2B[b:])
+    weights_B = batch.get("valid_B")
+    if loss == "dpo":
+        return dpo_loss(*args, beta=beta, label_smoothing=label_smoothing, weights_B=weights_B)
+    return ipo_loss(*args, beta=beta, weights_B=weights_B)
 
 
 # -- the step -------------------------------------------------------------------------------
