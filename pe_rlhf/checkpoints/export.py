@@ -2,11 +2,12 @@
 
 `export_merged` writes `config.json` + `model.safetensors` that
 `transformers.AutoModelForCausalLM.from_pretrained` loads; the named adapters
-are merged into the kernels (W + (alpha/r) a @ b) on the way out and the model
+are merged into the kernels (W + scale a @ b, or DoRA's m V / ||V||_c) on the way out and the model
 itself is left unchanged. With no adapter named it writes the base model.
 
 `export_peft` writes `adapter_config.json` + `adapter_model.safetensors` that
-`peft.PeftModel.from_pretrained(hf_model, directory)` loads on top of that base.
+`peft.PeftModel.from_pretrained(hf_model, directory)` loads on top of that base
+(LoRA, rsLoRA and DoRA adapters alike).
 
 `export_reward_head` writes a reward model's scalar head beside a JSON that says how
 to apply it to the merged backbone's last hidden state.
@@ -184,7 +185,9 @@ def export_peft(model, name: str, directory: str, *, base_model_name_or_path: st
     """Write adapter `name` alone in PEFT LoRA format; returns `directory`.
 
     Tensors: `base_model.model.<hf module>.lora_A.weight` [r, in] (= a.T) and
-    `lora_B.weight` [out, r] (= b.T). Load it with
+    `lora_B.weight` [out, r] (= b.T), and for a DoRA adapter `lora_magnitude_vector` [out]
+    (= m, PEFT's name for it, without `.weight`); `adapter_config.json` says `use_rslora` and
+    `use_dora`. Load it with
     `peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), directory)`,
     where base_dir holds `export_merged(model, base_dir)`.
     """
@@ -192,7 +195,7 @@ def export_peft(model, name: str, directory: str, *, base_model_name_or_path: st
         raise lora.LoRAError(f"no adapter named {name!r} on this model; adapters: {lora.adapter_names(model)}")
     module_of = {path[:-1]: hf_name[: -len(".weight")] for hf_name, path in hf.hf_names(model.config).items()
                  if path[-1] == "kernel"}
-    tensors, modules, ranks, alphas = {}, [], set(), set()
+    tensors, modules, kinds = {}, [], set()
     for path, m in lora.lora_modules(model):
         if name not in m.lora:
             continue
@@ -201,13 +204,14 @@ def export_peft(model, name: str, directory: str, *, base_model_name_or_path: st
         a, b = np.asarray(adapter.a.get_value()), np.asarray(adapter.b.get_value())
         tensors[f"base_model.model.{module}.lora_A.weight"] = np.ascontiguousarray(a.T)
         tensors[f"base_model.model.{module}.lora_B.weight"] = np.ascontiguousarray(b.T)
+        if adapter.dora:
+            tensors[f"base_model.model.{module}.lora_magnitude_vector"] = np.asarray(adapter.magnitude.get_value())
         modules.append(module)
-        ranks.add(adapter.rank)
-        alphas.add(adapter.alpha)
-    if len(ranks) != 1 or len(alphas) != 1:
-        raise ExportError(f"adapter {name!r} has ranks {sorted(ranks)} and alphas {sorted(alphas)}; "
-                          "a PEFT LoRA config holds one of each")
-    (rank,), (alpha,) = ranks, alphas
+        kinds.add((adapter.rank, adapter.alpha, adapter.rslora, adapter.dora))
+    if len(kinds) != 1:
+        raise ExportError(f"adapter {name!r} has several (rank, alpha, rslora, dora) settings {sorted(kinds)}; "
+                          "a PEFT LoRA config holds one")
+    ((rank, alpha, rslora, dora),) = kinds
     config = {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
@@ -218,7 +222,8 @@ def export_peft(model, name: str, directory: str, *, base_model_name_or_path: st
         "lora_dropout": 0.0,
         "bias": "none",
         "fan_in_fan_out": False,
-        "use_rslora": False,
+        "use_rslora": rslora,
+        "use_dora": dora,
         "inference_mode": True,
         "modules_to_save": None,
     }

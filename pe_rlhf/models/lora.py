@@ -14,7 +14,18 @@ forward pass is edited) with a `LoRALinear` that keeps the base kernel and bias
 at the same parameter paths (`layers.0.attn.q_proj.kernel`) and holds named
 adapters beside them (`layers.0.attn.q_proj.lora.policy.a`):
 
-    y = x @ W (+ bias) + (x @ a @ b) * (alpha / rank)      a [in, r], b [r, out]
+    y = x @ W (+ bias) + (x @ a @ b) * scale      a [in, r], b [r, out], scale = alpha / rank
+
+Two options change the update (`LoRAConfig`): rsLoRA (`rslora=True`, Kalajdzievski 2023,
+arXiv 2312.03732) takes scale = alpha / sqrt(rank); DoRA (`dora=True`, Liu et al. 2024,
+arXiv 2402.09353) adds a trainable magnitude m [out] and runs the kernel
+
+    W' = m * V / ||V||_c      V = W + scale * a @ b, ||.||_c the norm of each output column (over `in`)
+
+with ||V||_c held constant for gradients (the paper's section 4.3), as PEFT does; m starts at ||W||_c,
+so a fresh DoRA adapter also leaves the outputs unchanged. A DoRA adapter rescales the whole kernel,
+so on each projection it runs and merges alone: with any other adapter on or merged there,
+`use_adapters`, the forward pass, `merge_adapter` and `merged_kernels` raise `LoRAError`.
 
 Several named adapters share one backbone (`policy`, `reward`). Which ones run is
 a static attribute set by `use_adapters(model, *names)`; `use_adapters(model)`
@@ -36,7 +47,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from pe_rlhf.config_checks import check_fields, choice, integer, number, text
+from pe_rlhf.config_checks import boolean, check_fields, choice, integer, number, text
 from pe_rlhf.models.transformer import Linear, Transformer
 
 log = logging.getLogger(__name__)
@@ -58,6 +69,15 @@ class LoRAParam(nnx.Variable):
     """An adapter weight: its own partition of the state, deliberately not an `nnx.Param`."""
 
 
+class DoRAMergedRatio(nnx.Variable):
+    """m / ||V||_c of a merged DoRA adapter, kept (frozen, untrained) so that unmerging can divide it out."""
+
+
+def lora_scale(alpha: float, rank: int, rslora: bool = False) -> float:
+    """alpha / rank (LoRA), or alpha / sqrt(rank) (rsLoRA, Kalajdzievski 2023, arXiv 2312.03732)."""
+    return alpha / math.sqrt(rank) if rslora else alpha / rank
+
+
 @dataclasses.dataclass(frozen=True)
 class LoRAConfig:
     """Options of one adapter.
@@ -67,17 +87,22 @@ class LoRAConfig:
     `targets` is a preset name (attention | mlp | all_linear) or a regex searched
     in projection paths such as "layers.3.attn.q_proj". `a` starts as
     N(0, 1/in_features) (fan-in scaled), `b` as zeros, so a fresh adapter leaves
-    the outputs unchanged.
+    the outputs unchanged. `rslora` scales by alpha / sqrt(rank) instead of alpha / rank
+    (Kalajdzievski 2023, arXiv 2312.03732); `dora` adds a trainable magnitude per output
+    unit (Liu et al. 2024, arXiv 2402.09353; see the module docstring). Both default off,
+    as in PEFT.
     """
 
     rank: int = 8
     alpha: float = 16.0
     targets: str = "attention"
     param_dtype: str = "float32"  # adapters (and so their optimizer state) stay fp32 under a bf16 base
+    rslora: bool = False
+    dora: bool = False
 
     def __post_init__(self):
         check_fields(self, LoRAError, rank=integer(ge=1), alpha=number(gt=0), targets=text(),
-                     param_dtype=choice("float32", "bfloat16", "float16"))
+                     param_dtype=choice("float32", "bfloat16", "float16"), rslora=boolean(), dora=boolean())
         try:
             re.compile(self.regex)
         except re.error as e:
@@ -89,19 +114,26 @@ class LoRAConfig:
 
     @property
     def scale(self) -> float:
-        return self.alpha / self.rank
+        return lora_scale(self.alpha, self.rank, self.rslora)
 
 
 class LoRAAdapter(nnx.Module):
-    """One low-rank update: delta(x) = (x @ a @ b) * alpha / rank, computed in the adapter dtype.
+    """One low-rank update: delta(x) = (x @ a @ b) * scale, computed in the adapter dtype.
 
-    Logical axes: a is (kernel's in axis, 'lora_rank'), b is ('lora_rank', kernel's out axis).
+    scale is alpha / rank, or alpha / sqrt(rank) with `rslora`. With a `magnitude` m [out] it
+    is a DoRA adapter: the projection runs W' = m * V / ||V||_c, V = W + scale * a @ b
+    (`adapted_kernel`); `delta_kernel` is then the update to V, not to the kernel.
+    Logical axes: a is (kernel's in axis, 'lora_rank'), b is ('lora_rank', kernel's out axis),
+    m is (kernel's out axis,).
     """
 
-    def __init__(self, a_IxR, b_RxO, *, alpha: float, axes: tuple):
+    def __init__(self, a_IxR, b_RxO, *, alpha: float, axes: tuple, rslora: bool = False, magnitude=None):
         self.a = LoRAParam(a_IxR, logical_axes=(axes[0], "lora_rank"))
         self.b = LoRAParam(b_RxO, logical_axes=("lora_rank", axes[1]))
+        self.magnitude = None if magnitude is None else LoRAParam(magnitude, logical_axes=(axes[1],))
         self.alpha = float(alpha)
+        self.rslora = bool(rslora)
+        self.merged_ratio: DoRAMergedRatio | None = nnx.data(None)  # set while a DoRA adapter is merged
 
     @property
     def rank(self) -> int:
@@ -109,16 +141,36 @@ class LoRAAdapter(nnx.Module):
 
     @property
     def scale(self) -> float:
-        return self.alpha / self.rank
+        return lora_scale(self.alpha, self.rank, self.rslora)
+
+    @property
+    def dora(self) -> bool:
+        return self.magnitude is not None
 
     def __call__(self, x):
         a = self.a[...]
         return ((x.astype(a.dtype) @ a) @ self.b[...]) * self.scale
 
     def delta_kernel(self):
-        """The update to the [in, out] kernel, scale * a @ b, in float32."""
+        """The update to the [in, out] kernel, scale * a @ b, in float32 (for DoRA: the update to V)."""
         a, b = self.a[...].astype(jnp.float32), self.b[...].astype(jnp.float32)
         return (a @ b) * self.scale
+
+    def dora_ratio(self, kernel_IxO):
+        """DoRA's column factor m / ||W + scale * a @ b||_c [out] in float32, the norm held constant for gradients.
+
+        As PEFT, the norm is rounded to the magnitude's dtype before dividing (so a fresh adapter's
+        ratio is exactly 1). A zero column of V (0 / 0 in PEFT) gets ratio m, which leaves it zero.
+        """
+        v_IxO = kernel_IxO.astype(jnp.float32) + self.delta_kernel()
+        m_O = self.magnitude[...]
+        norm_O = jax.lax.stop_gradient(jnp.linalg.norm(v_IxO, axis=0).astype(m_O.dtype).astype(jnp.float32))
+        return m_O.astype(jnp.float32) / jnp.where(norm_O == 0, 1.0, norm_O)
+
+    def adapted_kernel(self, kernel_IxO):
+        """The kernel this adapter runs on base kernel W, in float32: W + scale a @ b, or m * V / ||V||_c (DoRA)."""
+        v_IxO = kernel_IxO.astype(jnp.float32) + self.delta_kernel()
+        return self.dora_ratio(kernel_IxO) * v_IxO if self.dora else v_IxO
 
 
 class LoRALinear(Linear):
@@ -126,7 +178,11 @@ class LoRALinear(Linear):
 
     `active` names the adapters that run (static, set by `use_adapters`);
     `merged` names those already added into `kernel` by `merge_adapter`, which
-    are then skipped in the forward pass.
+    are then skipped in the forward pass. A DoRA adapter adds, as PEFT's forward,
+
+        (r - 1) * (x @ W) + r * (x @ a @ b) * scale      r = m / ||V||_c
+
+    to x @ W + bias, which is x @ W' + bias with the bias untouched.
     """
 
     def __init__(self, base: Linear):  # noqa: super().__init__ would build new weights
@@ -137,11 +193,35 @@ class LoRALinear(Linear):
         self.merged: tuple[str, ...] = ()
 
     def __call__(self, x):
-        y = super().__call__(x)
+        check_dora_alone(self, self.active, "forward pass")
+        xw = x @ self.kernel[...]
+        y = xw if self.bias is None else xw + self.bias[...]
         for name in self.active:
             if name not in self.merged:
-                y = y + self.lora[name](x).astype(y.dtype)
+                adapter = self.lora[name]
+                delta = adapter(x)
+                if adapter.dora:
+                    ratio_O = adapter.dora_ratio(self.kernel[...])
+                    delta = (ratio_O - 1.0) * xw.astype(jnp.float32) + ratio_O * delta.astype(jnp.float32)
+                y = y + delta.astype(y.dtype)
         return y
+
+
+def check_dora_alone(m: LoRALinear, names, what: str, where: str = "this projection") -> None:
+    """Raise `LoRAError` if a DoRA adapter would run or be merged beside another adapter on `m`.
+
+    `names` are the adapters asked for; those merged into `m.kernel` count too. DoRA rescales the
+    whole adapted kernel by m / ||V||_c, so with a second update on the same kernel the result depends
+    on the order (PEFT folds earlier adapters' outputs into DoRA's rescaled base); no order is chosen.
+    """
+    together = tuple(dict.fromkeys((*m.merged, *(n for n in names if n in m.lora))))
+    dora = [n for n in together if m.lora[n].dora]
+    if dora and len(together) > 1:
+        others = [n for n in together if n != dora[0]]
+        raise LoRAError(
+            f"{what}: adapter {dora[0]!r} is a DoRA adapter and cannot run or be merged together with {others} on "
+            f"{where} (DoRA rescales the whole kernel, so composing it with another update is not defined); use "
+            f"one adapter at a time, e.g. `with use_adapters(model, {dora[0]!r}):`, and unmerge the others first")
 
 
 # -- finding and wrapping projections ---------------------------------------------------
@@ -250,12 +330,15 @@ def add_lora(model: nnx.Module, name: str = "policy", config: LoRAConfig = LoRAC
         a_IxR = jax.random.normal(rngs.params(), (d_in, config.rank), jnp.float32) / math.sqrt(d_in)
         b_RxO = jnp.zeros((config.rank, d_out), jnp.float32)
         dtype = jnp.dtype(config.param_dtype)
-        m.lora[name] = LoRAAdapter(a_IxR.astype(dtype), b_RxO.astype(dtype),
-                                   alpha=config.alpha, axes=axes)
+        magnitude_O = None
+        if config.dora:  # m = ||W||_c, so that m / ||W + 0||_c = 1: the outputs start unchanged
+            magnitude_O = jnp.linalg.norm(m.kernel.get_value().astype(jnp.float32), axis=0).astype(dtype)
+        m.lora[name] = LoRAAdapter(a_IxR.astype(dtype), b_RxO.astype(dtype), alpha=config.alpha, axes=axes,
+                                   rslora=config.rslora, magnitude=magnitude_O)
         m.active = m.active + (name,)
     count = param_count(model, name)
-    log.info("LoRA %r on %d projections (rank %d, alpha %g): %s", name, len(targets), config.rank,
-             config.alpha, count)
+    log.info("LoRA %r on %d projections (rank %d, alpha %g%s%s): %s", name, len(targets), config.rank,
+             config.alpha, ", rsLoRA" if config.rslora else "", ", DoRA" if config.dora else "", count)
     return count
 
 
@@ -286,12 +369,14 @@ def use_adapters(model: nnx.Module, *names: str):
     unknown = [n for n in names if n not in known]
     if unknown:
         raise LoRAError(f"use_adapters: no adapter named {unknown} on this model; adapters: {known}")
-    modules = [m for _, m in lora_modules(model)]
-    for m in modules:
+    pairs = lora_modules(model)
+    modules = [m for _, m in pairs]
+    for path, m in pairs:
         off = [n for n in m.merged if n not in names]
         if off:
             raise LoRAError(f"use_adapters: adapter {off[0]!r} is merged into the base weights and cannot be "
                             f"switched off; call unmerge_adapter(model, {off[0]!r}) first")
+        check_dora_alone(m, names, "use_adapters", _path_str(path))
     saved = [(m, m.active) for m in modules]
     try:
         try:
@@ -311,34 +396,59 @@ def use_adapters(model: nnx.Module, *names: str):
 
 
 # -- merging -------------------------------------------------------------------------------
-def _merge(model: nnx.Module, name: str, sign: float) -> None:
+def _carrying(model: nnx.Module, name: str) -> list[tuple[tuple, LoRALinear]]:
     if name not in adapter_names(model):
         raise LoRAError(f"no adapter named {name!r} on this model; adapters: {adapter_names(model)}")
-    for _, m in lora_modules(model):
-        if name not in m.lora:
-            continue
-        w = m.kernel.get_value()
-        m.kernel.set_value((w.astype(jnp.float32) + sign * m.lora[name].delta_kernel()).astype(w.dtype))
-        m.merged = m.merged + (name,) if sign > 0 else tuple(n for n in m.merged if n != name)
+    return [(p, m) for p, m in lora_modules(model) if name in m.lora]
 
 
 def merge_adapter(model: nnx.Module, name: str) -> None:
-    """Add adapter `name` into the base kernels in place: W <- W + (alpha/r) a @ b (skipped in forward after)."""
-    if any(name in m.merged for _, m in lora_modules(model)):
+    """Fold adapter `name` into the base kernels in place (it is skipped in the forward pass after).
+
+    LoRA: W <- W + scale * a @ b. DoRA: W <- r * (W + scale * a @ b), r = m / ||V||_c; r is stored
+    beside the adapter (`merged_ratio`), as W cannot be recovered from the merged kernel without it.
+    """
+    modules = _carrying(model, name)
+    if any(name in m.merged for _, m in modules):
         raise LoRAError(f"adapter {name!r} is already merged")
-    _merge(model, name, +1.0)
+    for path, m in modules:
+        check_dora_alone(m, (name,), "merge_adapter", _path_str(path))
+    for _, m in modules:
+        adapter, w = m.lora[name], m.kernel.get_value()
+        v = w.astype(jnp.float32) + adapter.delta_kernel()
+        if adapter.dora:
+            ratio_O = adapter.dora_ratio(w)
+            adapter.merged_ratio = DoRAMergedRatio(ratio_O, logical_axes=adapter.magnitude.get_metadata().get(
+                "logical_axes", (None,)))
+            v = ratio_O * v
+        m.kernel.set_value(v.astype(w.dtype))
+        m.merged = m.merged + (name,)
 
 
 def unmerge_adapter(model: nnx.Module, name: str) -> None:
-    """Undo `merge_adapter`: W <- W - (alpha/r) a @ b (exact up to rounding in the kernel dtype)."""
-    if not any(name in m.merged for _, m in lora_modules(model)):
+    """Undo `merge_adapter`: W <- W - scale * a @ b, or for DoRA W <- W' / r - scale * a @ b with the stored r.
+
+    Exact up to rounding in the kernel dtype (and, for DoRA, the division by r), provided the adapter's
+    weights did not change while merged.
+    """
+    modules = _carrying(model, name)
+    if not any(name in m.merged for _, m in modules):
         raise LoRAError(f"adapter {name!r} is not merged")
-    _merge(model, name, -1.0)
+    for _, m in modules:
+        adapter, w = m.lora[name], m.kernel.get_value()
+        w32 = w.astype(jnp.float32)
+        if adapter.dora:
+            w32 = w32 / adapter.merged_ratio.get_value()
+            adapter.merged_ratio = None
+        m.kernel.set_value((w32 - adapter.delta_kernel()).astype(w.dtype))
+        m.merged = tuple(n for n in m.merged if n != name)
 
 
 def merged_kernels(model: nnx.Module, *names: str) -> dict[tuple, jax.Array]:
-    """Kernel path -> W + sum over `names` of (alpha/r) a @ b, in the kernel dtype; the model is not changed.
+    """Kernel path -> the kernel that `names` run, in the kernel dtype; the model is not changed.
 
+    LoRA adapters add up: W + sum over `names` of scale * a @ b. A DoRA adapter stands alone on its
+    projections: m * V / ||V||_c (`LoRAError` if another named or merged adapter shares one).
     Adapters already merged in place are in W and are not added twice.
     """
     unknown = [n for n in names if n not in adapter_names(model)]
@@ -346,10 +456,14 @@ def merged_kernels(model: nnx.Module, *names: str) -> dict[tuple, jax.Array]:
         raise LoRAError(f"no adapter named {unknown} on this model; adapters: {adapter_names(model)}")
     out = {}
     for path, m in lora_modules(model):
+        check_dora_alone(m, names, "merged_kernels", _path_str(path))
         todo = [n for n in names if n in m.lora and n not in m.merged]
         if todo:
             w = m.kernel.get_value()
-            w32 = w.astype(jnp.float32) + sum(m.lora[n].delta_kernel() for n in todo)
+            if m.lora[todo[0]].dora:  # alone, by the check above
+                w32 = m.lora[todo[0]].adapted_kernel(w)
+            else:
+                w32 = w.astype(jnp.float32) + sum(m.lora[n].delta_kernel() for n in todo)
             out[path + ("kernel",)] = w32.astype(w.dtype)
     return out
 
@@ -370,7 +484,7 @@ def merged_model(model: Transformer, *names: str) -> Transformer:
 
 
 __all__ = [
-    "TARGET_PRESETS", "LoRAError", "LoRAParam", "LoRAConfig", "LoRAAdapter", "LoRALinear", "ParamCount",
-    "add_lora", "adapter_filter", "adapter_names", "lora_modules", "merge_adapter", "merged_kernels",
-    "merged_model", "param_count", "unmerge_adapter", "use_adapters",
+    "TARGET_PRESETS", "DoRAMergedRatio", "LoRAError", "LoRAParam", "LoRAConfig", "LoRAAdapter", "LoRALinear",
+    "ParamCount", "add_lora", "adapter_filter", "adapter_names", "check_dora_alone", "lora_modules", "lora_scale",
+    "merge_adapter", "merged_kernels", "merged_model", "param_count", "unmerge_adapter", "use_adapters",
 ]

@@ -143,3 +143,38 @@ def test_peft_export_of_some_layers_targets_exactly_those_modules(tmp_path):
     assert lora_layers == ["base_model.model.model.layers.1.self_attn.q_proj",
                            "base_model.model.model.layers.1.self_attn.v_proj"]
     np.testing.assert_allclose(torch_logits(peft_model), ours, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("options", [{"rslora": True}, {"dora": True}, {"dora": True, "rslora": True}],
+                         ids=["rslora", "dora", "dora+rslora"])
+def test_peft_loads_rslora_and_dora_exports_with_matching_logits(options, tmp_path):
+    from peft import PeftModel
+    from safetensors.numpy import load_file
+
+    model = Transformer(TINY["qwen2"], rngs=nnx.Rngs(7))  # q, k, v biases: DoRA leaves them out of the norm
+    add_lora(model, "policy", LoRAConfig(rank=4, alpha=8.0, targets="all_linear", **options))
+    add_lora(model, "reward", LoRAConfig(rank=2, targets="attention"))
+    perturb(model, seed=8)  # base, a, b and DoRA's m all random
+    with use_adapters(model, "policy"):
+        ours = np.asarray(model(jnp.asarray(TOKENS_BxT)))
+
+    export_merged(model, str(tmp_path / "base"))
+    export_merged(model, str(tmp_path / "merged"), "policy")
+    export_peft(model, "policy", str(tmp_path / "policy"))
+    config = json.loads((tmp_path / "policy" / "adapter_config.json").read_text())
+    dora = options.get("dora", False)
+    assert (config["use_rslora"], config["use_dora"]) == (options.get("rslora", False), dora)
+    tensors = load_file(str(tmp_path / "policy" / "adapter_model.safetensors"))
+    assert len(tensors) == (3 if dora else 2) * 7 * 2
+    if dora:
+        m = model.layers[1].attn.k_proj.lora["policy"].magnitude.get_value()  # [out=32]
+        np.testing.assert_array_equal(tensors["base_model.model.model.layers.1.self_attn.k_proj.lora_magnitude_vector"],
+                                      np.asarray(m))
+
+    base_hf = load_hf(tmp_path / "base")
+    base_theirs = torch_logits(base_hf)
+    peft_model = PeftModel.from_pretrained(base_hf, str(tmp_path / "policy")).eval()
+    theirs = torch_logits(peft_model)
+    assert np.abs(theirs - base_theirs).max() > 0.05
+    np.testing.assert_allclose(theirs, ours, atol=1e-4, rtol=0)
+    np.testing.assert_allclose(torch_logits(load_hf(tmp_path / "merged")), ours, atol=1e-4, rtol=0)
