@@ -31,7 +31,8 @@ from pe_rlhf.eval import judge as eval_judge  # noqa: E402
 from pe_rlhf.eval import winrate  # noqa: E402
 from pe_rlhf.profiling.plan import plan_report  # noqa: E402
 from pe_rlhf.train import pipeline, rl_loop, supervised  # noqa: E402
-from pe_rlhf.train import preference  # noqa: E402
+from pe_rlhf.train import ensemble, preference  # noqa: E402
+from pe_rlhf.models.heads import EnsembleRule  # noqa: E402
 from pe_rlhf.train.policy import RLConfig  # noqa: E402
 from pe_rlhf.train.records import RunIdentityError  # noqa: E402
 from pe_rlhf.train.optim import OptimizerConfig  # noqa: E402
@@ -40,7 +41,8 @@ from pe_rlhf.sharding.mesh import MeshConfig  # noqa: E402
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
 # The option dataclasses a config may build; each checks its values when built (`check_options`).
 OPTIONS = (supervised.TuningConfig, supervised.LoopConfig, supervised.DataConfig, OptimizerConfig, LoRAConfig,
-           RLConfig, MeshConfig, winrate.GenerationConfig, eval_judge.JudgeConfig, eval_experiment.EvalConfig)
+           RLConfig, MeshConfig, winrate.GenerationConfig, eval_judge.JudgeConfig, eval_experiment.EvalConfig,
+           EnsembleRule)
 
 
 def _register():
@@ -51,6 +53,7 @@ def _register():
                D.read_prompts_jsonl, pipeline.rlhf_pipeline, winrate.judge_policies, eval_experiment.rlhf_experiment):
         gin.external_configurable(fn, name=fn.__name__)
     gin.external_configurable(preference.train_dpo, name="train_dpo")
+    gin.external_configurable(ensemble.train_reward_ensemble, name="train_reward_ensemble")
     for fn in (toy.preference_pairs, toy.sft_demonstrations, toy.prompts, toy.gold_reward):
         gin.external_configurable(fn, name=fn.__name__, module="toy")
     for cls in OPTIONS:

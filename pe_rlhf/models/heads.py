@@ -1,6 +1,8 @@
-"""A scalar reward head on the decoder backbone, read at the last real token."""
+"""A scalar reward head on the decoder backbone, read at the last real token; ensembles of them."""
 
 from __future__ import annotations
+
+import dataclasses
 
 import jax.numpy as jnp
 from flax import nnx
@@ -71,3 +73,58 @@ class RewardModel(nnx.Module):
         return self.head(h_BxLxD[:, prompt_len - 1:-1])
 
 
+
+
+# -- ensembles ----------------------------------------------------------------------------------
+ENSEMBLE_RULES = ("mean", "mean_minus_std", "min")
+
+
+@dataclasses.dataclass(frozen=True)
+class EnsembleRule:
+    """How K reward models' scores become one reward.
+
+    mean: the average; mean_minus_std: mean - penalty * std over the members (population std),
+    uncertainty-penalised; min: the most pessimistic member (worst-case optimisation). Coste et
+    al. 2023 (arXiv 2310.02743) found the conservative rules to curb over-optimisation.
+    """
+
+    rule: str = "mean"
+    penalty: float = 1.0
+
+    def __post_init__(self):
+        if self.rule not in ENSEMBLE_RULES:
+            raise ValueError(f"EnsembleRule.rule {self.rule!r} is not one of {ENSEMBLE_RULES}")
+        if not (isinstance(self.penalty, (int, float)) and self.penalty >= 0):
+            raise ValueError(f"EnsembleRule.penalty must be a number >= 0, got {self.penalty!r}")
+
+
+def combine_rewards(scores_KxB, rule: EnsembleRule = EnsembleRule()):
+    """One reward per row from K members' scores: [K, B] -> [B], by `rule`."""
+    if rule.rule == "mean":
+        return scores_KxB.mean(axis=0)
+    if rule.rule == "min":
+        return scores_KxB.min(axis=0)
+    return scores_KxB.mean(axis=0) - rule.penalty * scores_KxB.std(axis=0)
+
+
+class RewardEnsemble(nnx.Module):
+    """K reward models scored one after another and combined by an `EnsembleRule`.
+
+    The members usually share one backbone, each with its own adapter and head: K forward passes
+    over one copy of the base weights. Called like a `RewardModel`.
+    """
+
+    def __init__(self, members, *, rule: EnsembleRule = EnsembleRule()):
+        self.members = nnx.List(list(members))
+        self.rule = rule
+
+    def member_scores(self, tokens_BxT, mask_BxT):
+        """Each member's score: [K, B]."""
+        return jnp.stack([m(tokens_BxT, mask_BxT) for m in self.members])
+
+    def __call__(self, tokens_BxT, mask_BxT):
+        return combine_rewards(self.member_scores(tokens_BxT, mask_BxT), self.rule)
+
+    def score_packed(self, batch, span: int):
+        """`RewardModel.score_packed` of each member, combined: [R, P, K]."""
+        return combine_rewards(jnp.stack([m.score_packed(batch, span) for m in self.members]), self.rule)

@@ -50,3 +50,8 @@ def classification_metrics(logits: np.ndarray, labels: np.ndarray) -> dict[str, 
         "positive_fraction": float(np.mean(labels)),
         "num_examples": int(labels.size),
     }
+
+
+def reward_metrics(pairwise: bool, a: np.ndarray, b: np.ndarray) -> dict[str, float]:
+    """`pairwise_metrics(chosen, rejected)` or `classification_metrics(scores, labels)`."""
+    return pairwise_metrics(a, b) if pairwise else classification_metrics(a, b)

@@ -24,7 +24,7 @@ from pe_rlhf import data as D
 from pe_rlhf.checkpoints.load import load_backbone
 from pe_rlhf.checkpoints.orbax_io import RunCheckpointer
 from pe_rlhf.models import lora
-from pe_rlhf.models.heads import RewardModel
+from pe_rlhf.models.heads import EnsembleRule, RewardEnsemble, RewardModel
 from pe_rlhf.sampling.sampler import SamplingConfig
 from pe_rlhf.train.loop import Job, train_loop
 from pe_rlhf.train.optim import OptimizerConfig, guard_nonfinite, make_optimizer
@@ -32,6 +32,7 @@ from pe_rlhf.train.rollout import RLConfig, RLModules, rollout
 from pe_rlhf.train.records import lora_config_of, read_run_info, run_identity
 from pe_rlhf.train.sharded import sharded_rl_step
 from pe_rlhf.train.config import DataConfig, LoopConfig, TuningConfig
+from pe_rlhf.train.ensemble import ENSEMBLE_STAGE, member_dirs, restore_members
 from pe_rlhf.train.supervised import trainable_filter
 
 log = logging.getLogger(__name__)
@@ -52,45 +53,60 @@ def _same_model(a: str, b: str) -> bool:
     return os.path.exists(a) and os.path.exists(b) and os.path.samefile(a, b)
 
 
+def _own_backbone(info: dict, tokenizer, rm_workdir: str, policy_model: str, dtype: str):
+    """A frozen backbone of the reward model's own base, refused when its tokenizer differs from the policy's."""
+    rm_backbone, rm_tokenizer = load_backbone(info["model"], dtype)
+    if not _same_vocab(tokenizer, rm_tokenizer):
+        raise RewardModelMismatch(
+            f"{rm_workdir}: the reward model's tokenizer ({info['model']}, {len(rm_tokenizer)} tokens) differs "
+            f"from the policy's ({policy_model}, {len(tokenizer)} tokens); responses would have to be "
+            "re-tokenised, which this step (jit-compiled end to end) does not do. Train the reward model on "
+            "the policy's base checkpoint or one with the same tokenizer."
+        )
+    return rm_backbone
+
+
 def attach_reward_model(backbone, tokenizer, rm_workdir: str, *, policy_model: str, dtype: str,
-                        policy_tuning: str = "lora") -> RewardModel:
+                        policy_tuning: str = "lora", rule: EnsembleRule | None = None
+                        ) -> RewardModel | RewardEnsemble:
     """The reward model trained in `rm_workdir`, restored from its latest checkpoint.
 
     If it is a LoRA reward model on the same base checkpoint as a LoRA policy, its adapter and
     head are added to the policy's backbone (one copy of the base weights serves both);
     otherwise (a full RM, another base, or a fully tuned policy whose backbone moves) it gets
-    its own frozen backbone.
+    its own frozen backbone. An ensemble workdir (`train_reward_ensemble`) gives a
+    `RewardEnsemble` of its members, all on that one backbone, combined by `rule` (default mean);
+    `rule` is an error for a single reward model.
     """
     info = read_run_info(rm_workdir)
     if info is None:
         raise FileNotFoundError(f"{rm_workdir}: no run_info.json; expected the workdir of a reward-model run")
-    if info.get("stage") != "reward_model":
-        raise RewardModelMismatch(f"{rm_workdir}/run_info.json: stage is {info.get('stage')!r}, not a reward model")
-    adapter, lora_cfg = info["adapter"], lora_config_of(info)
+    stage = info.get("stage")
+    if stage not in ("reward_model", ENSEMBLE_STAGE):
+        raise RewardModelMismatch(f"{rm_workdir}/run_info.json: stage is {stage!r}, not a reward model")
+    if rule is not None and stage != ENSEMBLE_STAGE:
+        raise RewardModelMismatch(f"{rm_workdir} holds one reward model, not an ensemble; an ensemble rule "
+                                  f"({rule}) applies only to a train_reward_ensemble workdir")
     shared = info["tuning"] == "lora" and _same_model(info["model"], policy_model) and policy_tuning == "lora"
-    if shared:
-        lora.add_lora(backbone, adapter, lora_cfg)
-        rm = RewardModel(backbone, adapters=(adapter,))
-    else:
-        rm_backbone, rm_tokenizer = load_backbone(info["model"], dtype)
-        if not _same_vocab(tokenizer, rm_tokenizer):
-            raise RewardModelMismatch(
-                f"{rm_workdir}: the reward model's tokenizer ({info['model']}, {len(rm_tokenizer)} tokens) differs "
-                f"from the policy's ({policy_model}, {len(tokenizer)} tokens); responses would have to be "
-                "re-tokenised, which this step (jit-compiled end to end) does not do. Train the reward model on "
-                "the policy's base checkpoint or one with the same tokenizer."
-            )
-        if lora_cfg is not None:
-            lora.add_lora(rm_backbone, adapter, lora_cfg)
-        rm = RewardModel(rm_backbone, adapters=(adapter,) if lora_cfg is not None else None)
+    rm_backbone = backbone if shared else _own_backbone(info, tokenizer, rm_workdir, policy_model, dtype)
+    where = "shares the policy backbone" if shared else "own backbone"
+    if stage == ENSEMBLE_STAGE:
+        members = restore_members(rm_backbone, member_dirs(rm_workdir, info))
+        rule = rule or EnsembleRule()
+        print(f"reward ensemble from {rm_workdir}: {len(members)} members, rule {rule.rule}"
+              f"{f' (penalty {rule.penalty:g})' if rule.rule == 'mean_minus_std' else ''}, {where}")
+        return RewardEnsemble(members, rule=rule)
+    adapter, lora_cfg = info["adapter"], lora_config_of(info)
+    if lora_cfg is not None:
+        lora.add_lora(rm_backbone, adapter, lora_cfg)
+    rm = RewardModel(rm_backbone, adapters=(adapter,) if lora_cfg is not None else None)
     ckpt = RunCheckpointer(os.path.join(rm_workdir, "checkpoints"))
     try:
         step = ckpt.restore_module(rm, trainable_filter(TuningConfig(mode=info["tuning"]), adapter),
                                    what="reward-model")
     finally:
         ckpt.close()
-    print(f"reward model from {rm_workdir} (step {step}, {info['tuning']}, "
-          f"{'shares the policy backbone' if shared else 'own backbone'})")
+    print(f"reward model from {rm_workdir} (step {step}, {info['tuning']}, {where})")
     return rm
 
 
@@ -143,8 +159,12 @@ def train_policy(*, workdir: str, prompts: D.Loaded, model: str = "tiny", dtype:
                  optimizer: OptimizerConfig = OptimizerConfig(), loop: LoopConfig = LoopConfig(),
                  data: DataConfig = DataConfig(), reward_model: str | None = None,
                  reward_fn: Callable | None = None, adapter: str = "policy", eval_temperature: float = 0.0,
-                 eval_samples: int = 1, plan: Callable[..., dict] | None = None) -> dict:
+                 eval_samples: int = 1, reward_rule: EnsembleRule | None = None,
+                 plan: Callable[..., dict] | None = None) -> dict:
     """Optimise a policy with REINFORCE/ReMax/RLOO/GRPO against `reward_model` (an RM workdir) or `reward_fn`.
+
+    `reward_model` may be an ensemble workdir (`train_reward_ensemble`): its members score every
+    response and `reward_rule` combines them (mean by default; mean - penalty * std; min).
 
     `reward_fn(prompt_BxT, prompt_mask_BxT, response_BxN, response_mask_BxN) -> rewards_B` must be
     traceable by JAX (it runs inside the compiled step). Evaluation: responses on held-out prompts
@@ -168,7 +188,7 @@ def train_policy(*, workdir: str, prompts: D.Loaded, model: str = "tiny", dtype:
         anchor, _ = load_backbone(model, dtype)  # fully tuned policy: the anchor is a frozen copy
     rm = None if reward_model is None else attach_reward_model(backbone, tokenizer, reward_model,
                                                                policy_model=model, dtype=dtype,
-                                                               policy_tuning=tuning.mode)
+                                                               policy_tuning=tuning.mode, rule=reward_rule)
     value = None
     if rl.algorithm == "ppo":  # PPO's value model: a `value` adapter + head on the backbone, or a full copy
         if tuning.mode == "lora":
@@ -207,12 +227,14 @@ def train_policy(*, workdir: str, prompts: D.Loaded, model: str = "tiny", dtype:
     run_info = {"stage": "rl", "algorithm": rl.algorithm, "model": model, "dtype": dtype, "tuning": tuning.mode,
                 "adapter": adapter, "lora": dataclasses.asdict(tuning.lora) if tuning.mode == "lora" else None,
                 "reward_model": reward_model, "rl": dataclasses.asdict(rl),
+                "reward_rule": dataclasses.asdict(rm.rule) if isinstance(rm, RewardEnsemble) else None,
                 "prompts": len(texts), "train_prompts": len(train_ids), "eval_prompts": len(eval_items)}
     run_info["identity"] = run_identity(
         stage="rl", model=model, dtype=dtype, tuning=tuning, adapter=adapter, source=prompts.source, data=data,
         loop=loop, train_examples=len(train_ids), eval_examples=len(eval_ids), algorithm=rl.algorithm,
         rl=dataclasses.asdict(rl), reward_model=None if reward_model is None else os.path.abspath(reward_model),
-        reward_fn=None if reward_fn is None else getattr(reward_fn, "__qualname__", repr(reward_fn)))
+        reward_fn=None if reward_fn is None else getattr(reward_fn, "__qualname__", repr(reward_fn)),
+        **({"reward_rule": dataclasses.asdict(rm.rule)} if isinstance(rm, RewardEnsemble) else {}))
 
     def step(state, batch):
         rng, step_rng = jax.random.split(jax.random.wrap_key_data(state["rng"]))

@@ -196,27 +196,36 @@ def score_labeled(graphdef, trainable, frozen, batches, span: int | None = None)
     return np.concatenate(scores), np.concatenate(labels)
 
 
-def train_reward_model(*, workdir: str, dataset: D.Loaded, model: str = "tiny", dtype: str = "float32",
-                       tuning: TuningConfig = TuningConfig(), optimizer: OptimizerConfig = OptimizerConfig(),
-                       loop: LoopConfig = LoopConfig(), data: DataConfig = DataConfig(),
-                       center_coef: float = 0.0, adapter: str = "reward", plan: Callable[..., dict] | None = None
-                       ) -> dict:
-    """Train a reward model: Bradley-Terry on preference pairs, or BCE on 0/1-labelled responses.
+@dataclasses.dataclass(frozen=True)
+class RewardData:
+    """A reward dataset tokenised, split and laid out for training and evaluation (`reward_data`)."""
 
-    The kind follows the dataset's examples (`PreferenceExample` or `LabeledExample`). With `plan`
-    (`run.py --compile_only` passes `pe_rlhf.profiling.plan.plan_report` for a target) nothing trains:
-    `plan(workdir, stage=..., model=..., ...)` compiles the step from shapes alone and its report is returned.
-    """
-    if plan is not None:
-        return plan(workdir, stage="reward_model", model=model, dtype=dtype, tuning=tuning, loop=loop,
-                    prompt_len=data.max_prompt_len, response_len=data.max_response_len, optimizer=optimizer)
+    pairwise: bool
+    train_items: list
+    eval_items: list
+    stats: Any
+    collate: Callable
+    fits: Callable | None
+    eval_collate: Callable
+    eval_fits: Callable | None
+    loss_fn: Callable
+    span: int | None
+
+    def eval_scores(self, graphdef, trainable, frozen, loop: LoopConfig) -> tuple[np.ndarray, np.ndarray]:
+        """(chosen, rejected) scores of the held-out pairs, or (scores, labels) of the held-out examples."""
+        batches = _eval_batches(self.eval_items, loop, self.eval_collate, self.eval_fits)
+        score = score_pairs if self.pairwise else score_labeled
+        return score(graphdef, trainable, frozen, batches, self.span)
+
+
+def reward_data(dataset: D.Loaded, tokenizer, data: DataConfig, loop: LoopConfig, center_coef: float = 0.0
+                ) -> RewardData:
+    """Tokenise `dataset` (pairs: Bradley-Terry; 0/1 labels: BCE), split off the held-out part and choose the
+    batch layout (padded, or packed with `DataConfig.pack_length`) and the loss that goes with it."""
     examples = list(dataset.examples)
     if not examples:
         raise D.DataError(f"{dataset.source}: the dataset is empty")
     pairwise = isinstance(examples[0], D.PreferenceExample)
-    backbone, tokenizer = load_backbone(model, dtype)
-    rm = reward_model(backbone, tuning, adapter)
-
     options = _tokenize_options(data)
     seq_len = data.max_prompt_len + data.max_response_len
     pad = _pad_id(tokenizer)
@@ -235,15 +244,34 @@ def train_reward_model(*, workdir: str, dataset: D.Loaded, model: str = "tiny", 
     if data.pack_length is not None:
         batching, loss_fn, span = _packed(data, loop, pairwise, pad, center_coef)
         (collate, fits), (eval_collate, eval_fits) = batching(loop.batch_size), batching(loop.eval_batch_size)
+    return RewardData(pairwise=pairwise, train_items=train_items, eval_items=eval_items, stats=stats,
+                      collate=collate, fits=fits, eval_collate=eval_collate, eval_fits=eval_fits, loss_fn=loss_fn,
+                      span=span)
 
-    train_iter = D.BatchIterator(train_items, loop.batch_size, collate, seed=loop.seed,
-                                 process_index=jax.process_index(), process_count=jax.process_count(), fits=fits)
+
+def train_reward_model(*, workdir: str, dataset: D.Loaded, model: str = "tiny", dtype: str = "float32",
+                       tuning: TuningConfig = TuningConfig(), optimizer: OptimizerConfig = OptimizerConfig(),
+                       loop: LoopConfig = LoopConfig(), data: DataConfig = DataConfig(),
+                       center_coef: float = 0.0, adapter: str = "reward", plan: Callable[..., dict] | None = None
+                       ) -> dict:
+    """Train a reward model: Bradley-Terry on preference pairs, or BCE on 0/1-labelled responses.
+
+    The kind follows the dataset's examples (`PreferenceExample` or `LabeledExample`). With `plan`
+    (`run.py --compile_only` passes `pe_rlhf.profiling.plan.plan_report` for a target) nothing trains:
+    `plan(workdir, stage=..., model=..., ...)` compiles the step from shapes alone and its report is returned.
+    """
+    if plan is not None:
+        return plan(workdir, stage="reward_model", model=model, dtype=dtype, tuning=tuning, loop=loop,
+                    prompt_len=data.max_prompt_len, response_len=data.max_response_len, optimizer=optimizer)
+    backbone, tokenizer = load_backbone(model, dtype)
+    rd = reward_data(dataset, tokenizer, data, loop, center_coef)
+    rm = reward_model(backbone, tuning, adapter)
+    pairwise, train_items, eval_items, stats, span = rd.pairwise, rd.train_items, rd.eval_items, rd.stats, rd.span
+    train_iter = D.BatchIterator(train_items, loop.batch_size, rd.collate, seed=loop.seed,
+                                 process_index=jax.process_index(), process_count=jax.process_count(), fits=rd.fits)
 
     def evaluate(graphdef, trainable, frozen):
-        batches = _eval_batches(eval_items, loop, eval_collate, eval_fits)
-        if pairwise:
-            return M.pairwise_metrics(*score_pairs(graphdef, trainable, frozen, batches, span))
-        return M.classification_metrics(*score_labeled(graphdef, trainable, frozen, batches, span))
+        return M.reward_metrics(rd.pairwise, *rd.eval_scores(graphdef, trainable, frozen, loop))
 
     run_info = {"stage": "reward_model", "kind": "pairwise" if pairwise else "classification", "model": model,
                 "dtype": dtype, "tuning": tuning.mode, "adapter": adapter,
@@ -255,7 +283,7 @@ def train_reward_model(*, workdir: str, dataset: D.Loaded, model: str = "tiny", 
     run_info["identity"] = run_identity(stage="reward_model", model=model, dtype=dtype, tuning=tuning, adapter=adapter,
                                         source=dataset.source, data=data, loop=loop, train_examples=len(train_items),
                                         eval_examples=len(eval_items), kind=run_info["kind"])
-    return fit(rm, filter_=trainable_filter(tuning, adapter), loss_fn=loss_fn, train_iter=train_iter,
+    return fit(rm, filter_=trainable_filter(tuning, adapter), loss_fn=rd.loss_fn, train_iter=train_iter,
                evaluate=evaluate, optimizer=optimizer, loop=loop, workdir=workdir, run_info=run_info)
 
 
