@@ -47,9 +47,18 @@ def _flat(d: dict, prefix: str = "") -> dict:
     return out
 
 
+# Identity keys added after identities were first recorded, with the value their absence stands for:
+# a workdir recorded before `LoRAConfig` had rsLoRA and DoRA trained plain LoRA, and resumes as such.
+ADDED_KEYS = {"lora.rslora": False, "lora.dora": False}
+
+
 def identity_differences(old: dict, new: dict) -> list[tuple[str, object, object]]:
-    """(key, old value, new value) of every identity key that differs (nested keys dotted)."""
+    """(key, old value, new value) of every identity key that differs (nested keys dotted).
+
+    A key of `ADDED_KEYS` absent from `old` (recorded before it existed) reads as its listed value.
+    """
     old, new = _flat(strict_json(old)), _flat(strict_json(new))
+    old = {**{k: v for k, v in ADDED_KEYS.items() if k in new}, **old}
     return [(k, old.get(k, "<absent>"), new.get(k, "<absent>")) for k in sorted(set(old) | set(new))
             if old.get(k, "<absent>") != new.get(k, "<absent>")]
 

@@ -17,7 +17,7 @@ from pe_rlhf.train import supervised
 from pe_rlhf.train.config import DataConfig, LoopConfig, TuningConfig
 from pe_rlhf.train.loop import NonFiniteError
 from pe_rlhf.train.optim import OptimizerConfig
-from pe_rlhf.train.records import RunIdentityError
+from pe_rlhf.train.records import RunIdentityError, identity_differences
 from pe_rlhf.train.writer import truncate_metrics
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -51,6 +51,17 @@ def test_another_run_is_refused_naming_what_differs(tmp_path):
         train(tmp_path, steps=4, split_seed=1)
     assert open(tmp_path / "run_info.json").read() == before  # the first run's record is intact
     train(tmp_path, steps=4)  # more steps of the same run are fine
+
+
+def test_an_identity_recorded_before_lora_options_existed_resumes_as_plain_lora(tmp_path):
+    train(tmp_path, steps=2)
+    info = json.load(open(tmp_path / "run_info.json"))
+    for key in ("rslora", "dora"):  # as written before LoRAConfig had these options
+        del info["identity"]["lora"][key]
+    json.dump(info, open(tmp_path / "run_info.json", "w"))
+    assert identity_differences(info["identity"], {**info["identity"], "lora": {
+        **info["identity"]["lora"], "rslora": False, "dora": True}}) == [("lora.dora", False, True)]
+    assert train(tmp_path, steps=4)["step"] == 4
 
 
 def test_fewer_steps_than_done_is_an_error(tmp_path):
