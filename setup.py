@@ -20,6 +20,7 @@ setup(
         "transformers>=5.0",  # tokenizers and config parsing only; the models are ours
         "safetensors>=0.4",
         "gguf>=0.17",
+        "qwix>=0.1.8",  # weight quantisation of a frozen backbone (TuningConfig.quantize)
         "tensorflow-datasets>=4.9",
         "numpy>=1.26",
         "tqdm",

@@ -48,6 +48,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from pe_rlhf.config_checks import boolean, check_fields, choice, integer, number, text
+from pe_rlhf.models import quant
 from pe_rlhf.models.transformer import Linear, Transformer
 
 log = logging.getLogger(__name__)
@@ -260,12 +261,20 @@ def _replace(model: nnx.Module, path: tuple, new: nnx.Module) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class ParamCount:
-    """Trainable fraction: adapter parameters among all parameters (adapters included, as PEFT counts)."""
+    """Trainable fraction: adapter parameters among all parameters (adapters included, as PEFT counts).
+
+    A quantised kernel counts its weights (in x out) in `total` and its stored bytes (codes + scales)
+    in `total_bytes`; `frozen_bytes` is everything but the adapters.
+    """
 
     total: int
     adapter: int
     total_bytes: int
     adapter_bytes: int
+
+    @property
+    def frozen_bytes(self) -> int:
+        return self.total_bytes - self.adapter_bytes
 
     @property
     def percent(self) -> float:
@@ -285,6 +294,8 @@ def _size_bytes(state) -> tuple[int, int]:
 def param_count(model: nnx.Module, *names: str) -> ParamCount:
     """Adapter parameters of `names` (all adapters when none) against every parameter of the model."""
     total, total_bytes = _size_bytes(nnx.state(model, nnx.Any(nnx.Param, LoRAParam)))
+    total += sum(math.prod(m.kernel.shape) for _, m in quant.quantized_projections(model))
+    total_bytes += _size_bytes(nnx.state(model, quant.QuantizedWeight))[1]
     adapter, adapter_bytes = _size_bytes(nnx.state(model, adapter_filter(*names)))
     return ParamCount(total=total, adapter=adapter, total_bytes=total_bytes, adapter_bytes=adapter_bytes)
 
@@ -402,6 +413,15 @@ def _carrying(model: nnx.Module, name: str) -> list[tuple[tuple, LoRALinear]]:
     return [(p, m) for p, m in lora_modules(model) if name in m.lora]
 
 
+def _check_not_quantized(modules, what: str) -> None:
+    quantized = [p for p, m in modules if isinstance(m.kernel, quant.QuantizedKernel)]
+    if quantized:
+        raise LoRAError(
+            f"{what}: {_path_str(quantized[0])}.kernel (and {len(quantized) - 1} more) is stored quantised and "
+            "frozen, so no adapter can be merged into it in place; `merged_model(model, name)` (and "
+            "`export_merged`) build a dense model with dequantised W + the update instead")
+
+
 def merge_adapter(model: nnx.Module, name: str) -> None:
     """Fold adapter `name` into the base kernels in place (it is skipped in the forward pass after).
 
@@ -411,6 +431,7 @@ def merge_adapter(model: nnx.Module, name: str) -> None:
     modules = _carrying(model, name)
     if any(name in m.merged for _, m in modules):
         raise LoRAError(f"adapter {name!r} is already merged")
+    _check_not_quantized(modules, "merge_adapter")
     for path, m in modules:
         check_dora_alone(m, (name,), "merge_adapter", _path_str(path))
     for _, m in modules:
@@ -434,6 +455,7 @@ def unmerge_adapter(model: nnx.Module, name: str) -> None:
     modules = _carrying(model, name)
     if not any(name in m.merged for _, m in modules):
         raise LoRAError(f"adapter {name!r} is not merged")
+    _check_not_quantized(modules, "unmerge_adapter")
     for _, m in modules:
         adapter, w = m.lora[name], m.kernel.get_value()
         w32 = w.astype(jnp.float32)
@@ -471,9 +493,10 @@ def merged_kernels(model: nnx.Module, *names: str) -> dict[tuple, jax.Array]:
 def merged_model(model: Transformer, *names: str) -> Transformer:
     """A plain `Transformer` (no adapters) whose kernels have the named adapters merged in.
 
-    With no names it is the base model. Unchanged weights are shared, not copied.
+    With no names it is the base model. Unchanged weights are shared, not copied. Quantised kernels
+    (`pe_rlhf.models.quant`) come out dense in the model dtype: dequantised W + the adapters' update.
     """
-    kernels = merged_kernels(model, *names)
+    kernels = {**quant.dequantized_kernels(model), **merged_kernels(model, *names)}
     abstract = nnx.eval_shape(lambda: Transformer(model.config, dtype=model.dtype, rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(abstract)
     ours = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))

@@ -10,21 +10,29 @@ import dataclasses
 from pe_rlhf.config_checks import boolean, check_fields, choice, either, instance, integer, number, optional
 from pe_rlhf.data.batching import PADDING_SIDES
 from pe_rlhf.data.packing import CHUNK
-from pe_rlhf.models import lora
+from pe_rlhf.models import lora, quant
 from pe_rlhf.sharding.mesh import MeshConfig
 
 
 @dataclasses.dataclass(frozen=True)
 class TuningConfig:
     """What trains. PE-RLHF (arXiv 2403.10704): LoRA on the attention projections, backbone frozen;
-    `mode="full"` is the paper's fully tuned baseline."""
+    `mode="full"` is the paper's fully tuned baseline. `quantize` stores the frozen backbone's decoder
+    projections in int8, int4 or nf4 (QLoRA, arXiv 2305.14314; `pe_rlhf.models.quant`), LoRA mode only;
+    None (the default) keeps them in the model dtype."""
 
     mode: str = "lora"  # lora | full
     lora: lora.LoRAConfig = lora.LoRAConfig()
     remat: bool = False  # recompute each decoder block in the backward pass: less activation memory, more FLOPs
+    quantize: str | None = None  # None | int8 | int4 | nf4
 
     def __post_init__(self):
-        check_fields(self, mode=choice("lora", "full"), lora=instance(lora.LoRAConfig), remat=boolean())
+        check_fields(self, mode=choice("lora", "full"), lora=instance(lora.LoRAConfig), remat=boolean(),
+                     quantize=optional(choice(*quant.FORMATS)))
+        if self.mode == "full" and self.quantize is not None:
+            raise ValueError(f"TuningConfig(mode='full', quantize={self.quantize!r}): a quantised backbone is frozen, "
+                             "but full tuning trains every weight; use mode='lora' with quantize (QLoRA), or "
+                             "quantize=None for full tuning")
 
 
 @dataclasses.dataclass(frozen=True)

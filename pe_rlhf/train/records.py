@@ -90,11 +90,13 @@ def run_identity(*, stage: str, model: str, dtype: str, tuning, adapter: str, so
     """What defines a run for resuming: base model, what trains, the data, its split and its order.
 
     `tuning`, `data` and `loop` are the stage's TuningConfig, DataConfig and LoopConfig; `extra` adds
-    the stage's own keys (the reward-model kind, the RL algorithm and reward model...).
+    the stage's own keys (the reward-model kind, the RL algorithm and reward model...). A quantised
+    backbone (`TuningConfig.quantize`) adds `quantize`; without one the identity is as it always was.
     """
     import dataclasses
 
-    return {"stage": stage, "model": model, "dtype": dtype, "tuning": tuning.mode, "adapter": adapter,
+    quantized = {"quantize": tuning.quantize} if tuning.quantize is not None else {}
+    return {"stage": stage, "model": model, "dtype": dtype, "tuning": tuning.mode, **quantized, "adapter": adapter,
             "lora": dataclasses.asdict(tuning.lora) if tuning.mode == "lora" else None,
             "data": {"source": source, **dataclasses.asdict(data), "train_examples": train_examples,
                      "eval_examples": eval_examples},

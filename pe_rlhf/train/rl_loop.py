@@ -23,7 +23,7 @@ from flax import nnx
 from pe_rlhf import data as D
 from pe_rlhf.checkpoints.load import load_backbone
 from pe_rlhf.checkpoints.orbax_io import RunCheckpointer
-from pe_rlhf.models import lora
+from pe_rlhf.models import lora, quant
 from pe_rlhf.models.heads import EnsembleRule, RewardEnsemble, RewardModel
 from pe_rlhf.sampling.sampler import SamplingConfig
 from pe_rlhf.train.loop import Job, train_loop
@@ -54,8 +54,11 @@ def _same_model(a: str, b: str) -> bool:
 
 
 def _own_backbone(info: dict, tokenizer, rm_workdir: str, policy_model: str, dtype: str):
-    """A frozen backbone of the reward model's own base, refused when its tokenizer differs from the policy's."""
+    """A frozen backbone of the reward model's own base (quantised as it trained), refused when its tokenizer
+    differs from the policy's."""
     rm_backbone, rm_tokenizer = load_backbone(info["model"], dtype)
+    if info.get("quantize") is not None:
+        quant.quantize_projections(rm_backbone, info["quantize"])
     if not _same_vocab(tokenizer, rm_tokenizer):
         raise RewardModelMismatch(
             f"{rm_workdir}: the reward model's tokenizer ({info['model']}, {len(rm_tokenizer)} tokens) differs "
@@ -67,14 +70,15 @@ def _own_backbone(info: dict, tokenizer, rm_workdir: str, policy_model: str, dty
 
 
 def attach_reward_model(backbone, tokenizer, rm_workdir: str, *, policy_model: str, dtype: str,
-                        policy_tuning: str = "lora", rule: EnsembleRule | None = None
-                        ) -> RewardModel | RewardEnsemble:
+                        policy_tuning: str = "lora", rule: EnsembleRule | None = None,
+                        policy_quantize: str | None = None) -> RewardModel | RewardEnsemble:
     """The reward model trained in `rm_workdir`, restored from its latest checkpoint.
 
     If it is a LoRA reward model on the same base checkpoint as a LoRA policy, its adapter and
-    head are added to the policy's backbone (one copy of the base weights serves both);
-    otherwise (a full RM, another base, or a fully tuned policy whose backbone moves) it gets
-    its own frozen backbone. An ensemble workdir (`train_reward_ensemble`) gives a
+    head are added to the policy's backbone (one copy of the base weights serves both), provided
+    both store it alike (`TuningConfig.quantize`, `policy_quantize` for the policy); otherwise (a
+    full RM, another base or quantisation, or a fully tuned policy whose backbone moves) it gets
+    its own frozen backbone, quantised as the reward model trained. An ensemble workdir (`train_reward_ensemble`) gives a
     `RewardEnsemble` of its members, all on that one backbone, combined by `rule` (default mean);
     `rule` is an error for a single reward model.
     """
@@ -87,7 +91,8 @@ def attach_reward_model(backbone, tokenizer, rm_workdir: str, *, policy_model: s
     if rule is not None and stage != ENSEMBLE_STAGE:
         raise RewardModelMismatch(f"{rm_workdir} holds one reward model, not an ensemble; an ensemble rule "
                                   f"({rule}) applies only to a train_reward_ensemble workdir")
-    shared = info["tuning"] == "lora" and _same_model(info["model"], policy_model) and policy_tuning == "lora"
+    shared = (info["tuning"] == "lora" and _same_model(info["model"], policy_model) and policy_tuning == "lora"
+              and info.get("quantize") == policy_quantize)
     rm_backbone = backbone if shared else _own_backbone(info, tokenizer, rm_workdir, policy_model, dtype)
     where = "shares the policy backbone" if shared else "own backbone"
     if stage == ENSEMBLE_STAGE:
@@ -181,6 +186,9 @@ def train_policy(*, workdir: str, prompts: D.Loaded, model: str = "tiny", dtype:
     # MODELS: one backbone for policy and anchor (and the reward model when it shares the base)
     backbone, tokenizer = load_backbone(model, dtype)
     backbone.remat = tuning.remat
+    if tuning.quantize is not None:  # QLoRA: policy, anchor and a shared reward model read one quantised copy
+        quant.quantize_projections(backbone, tuning.quantize)
+        print(f"[{adapter}] backbone projections stored {tuning.quantize}: {quant.projection_bytes(backbone)}")
     anchor = None
     if tuning.mode == "lora":
         print(f"[{adapter}] {lora.add_lora(backbone, adapter, tuning.lora)}")
@@ -188,7 +196,8 @@ def train_policy(*, workdir: str, prompts: D.Loaded, model: str = "tiny", dtype:
         anchor, _ = load_backbone(model, dtype)  # fully tuned policy: the anchor is a frozen copy
     rm = None if reward_model is None else attach_reward_model(backbone, tokenizer, reward_model,
                                                                policy_model=model, dtype=dtype,
-                                                               policy_tuning=tuning.mode, rule=reward_rule)
+                                                               policy_tuning=tuning.mode, rule=reward_rule,
+                                                               policy_quantize=tuning.quantize)
     value = None
     if rl.algorithm == "ppo":  # PPO's value model: a `value` adapter + head on the backbone, or a full copy
         if tuning.mode == "lora":
@@ -225,6 +234,7 @@ def train_policy(*, workdir: str, prompts: D.Loaded, model: str = "tiny", dtype:
     state = {"trainable": trainable, "opt_state": stepper.init_opt_state(tx, trainable), "rl_state": rl_state,
              "rng": jax.random.key_data(jax.random.key(loop.seed))}
     run_info = {"stage": "rl", "algorithm": rl.algorithm, "model": model, "dtype": dtype, "tuning": tuning.mode,
+                "quantize": tuning.quantize,
                 "adapter": adapter, "lora": dataclasses.asdict(tuning.lora) if tuning.mode == "lora" else None,
                 "reward_model": reward_model, "rl": dataclasses.asdict(rl),
                 "reward_rule": dataclasses.asdict(rm.rule) if isinstance(rm, RewardEnsemble) else None,

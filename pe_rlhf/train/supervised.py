@@ -21,7 +21,7 @@ from flax import nnx
 from pe_rlhf import data as D
 from pe_rlhf.checkpoints.export import export_merged
 from pe_rlhf.checkpoints.load import load_backbone
-from pe_rlhf.models import lora
+from pe_rlhf.models import lora, quant
 from pe_rlhf.models.heads import RewardModel
 from pe_rlhf.train import metrics as M
 from pe_rlhf.train import supervised_steps
@@ -44,8 +44,12 @@ def trainable_filter(tuning: TuningConfig, adapter: str):
 
 
 def prepare(module: nnx.Module, backbone, tuning: TuningConfig, adapter: str) -> None:
-    """Add the adapter for LoRA mode, set rematerialisation, and log what trains."""
+    """Quantise the frozen projections (`tuning.quantize`), add the adapter for LoRA mode, set
+    rematerialisation, and log what trains."""
     backbone.remat = tuning.remat
+    if tuning.quantize is not None:
+        quant.quantize_projections(backbone, tuning.quantize)
+        print(f"[{adapter}] backbone projections stored {tuning.quantize}: {quant.projection_bytes(backbone)}")
     if tuning.mode == "lora":
         count = lora.add_lora(backbone, adapter, tuning.lora)
         log.info("trainable: %s", count)
@@ -274,7 +278,7 @@ def train_reward_model(*, workdir: str, dataset: D.Loaded, model: str = "tiny", 
         return M.reward_metrics(rd.pairwise, *rd.eval_scores(graphdef, trainable, frozen, loop))
 
     run_info = {"stage": "reward_model", "kind": "pairwise" if pairwise else "classification", "model": model,
-                "dtype": dtype, "tuning": tuning.mode, "adapter": adapter,
+                "dtype": dtype, "tuning": tuning.mode, "quantize": tuning.quantize, "adapter": adapter,
                 "lora": dataclasses.asdict(tuning.lora) if tuning.mode == "lora" else None,
                 "data_stats": dataclasses.asdict(stats), "train_examples": len(train_items),
                 "eval_examples": len(eval_items), "skipped_identical": dataset.skipped_identical,
@@ -331,7 +335,8 @@ def train_sft(*, workdir: str, dataset: D.Loaded, model: str = "tiny", dtype: st
         loss = nll / max(count, 1.0)
         return {"loss": loss, "perplexity": float(np.exp(loss)), "tokens": count}
 
-    run_info = {"stage": "sft", "model": model, "dtype": dtype, "tuning": tuning.mode, "adapter": adapter,
+    run_info = {"stage": "sft", "model": model, "dtype": dtype, "tuning": tuning.mode, "quantize": tuning.quantize,
+                "adapter": adapter,
                 "lora": dataclasses.asdict(tuning.lora) if tuning.mode == "lora" else None,
                 "data_stats": dataclasses.asdict(stats), "train_examples": len(train_items),
                 "eval_examples": len(eval_items)}
