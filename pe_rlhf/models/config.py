@@ -24,6 +24,10 @@ SUPPORTED_MODEL_TYPES = {
 }
 
 
+# How attention is computed (see pe_rlhf.models.attention); "auto" picks per backend.
+ATTENTION_IMPLS = ("auto", "xla", "mosaic_tpu", "cudnn")
+
+
 class UnsupportedModelError(ValueError):
     """A checkpoint whose architecture this framework does not implement."""
 
@@ -112,6 +116,7 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     pad_token_id: int | None = None
+    attention_impl: str = "auto"  # auto | xla | mosaic_tpu | cudnn: see pe_rlhf.models.attention
 
     def __post_init__(self):
         if self.family not in set(SUPPORTED_MODEL_TYPES.values()):
@@ -122,6 +127,8 @@ class ModelConfig:
             raise ValueError(
                 f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})"
             )
+        if self.attention_impl not in ATTENTION_IMPLS:
+            raise ValueError(f"attention_impl {self.attention_impl!r} is not one of {', '.join(ATTENTION_IMPLS)}")
         if self.layer_types is not None and len(self.layer_types) != self.num_layers:
             raise ValueError(f"layer_types has {len(self.layer_types)} entries for {self.num_layers} layers")
 

@@ -14,6 +14,9 @@ Decoding carries an explicit `KVCache` in and out; nothing mutates inside jit.
 Packed rows (several sequences per row, a reward pair's shared prompt computed
 once) carry a `Packing`: segment and branch ids decide who sees whom, and
 attention runs over windows of `span` keys instead of the whole row.
+
+`ModelConfig.attention_impl` chooses between these einsum masks and a fused kernel fed segment
+ids (`SegmentMask`); `pe_rlhf.models.attention` says which passes can take which.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx, struct
 
+from pe_rlhf.models.attention import attention_path, fused_attention
 from pe_rlhf.models.config import ModelConfig
 
 _MASKED = -2.3819763e38  # large finite negative: fully masked rows stay finite
@@ -109,12 +113,18 @@ class Packing:
     the prompt computed once. Positions are the caller's (`positions_BxT`: each branch continues
     the prompt's positions). No item is longer than `span` tokens, so each query attends to a
     window of keys in chunks of `chunk` queries: T x span work instead of T x T.
+
+    `branches`: the most continuations an item has (None: not stated). With at most one, segment
+    ids alone say who sees whom and a fused attention kernel can run (`ModelConfig.attention_impl`);
+    its sliding window then counts slots, which equals counting positions when positions advance by
+    one per slot within an item (as `pe_rlhf.data.packing` lays them out).
     """
 
     segment_BxT: jax.Array
     branch_BxT: jax.Array
     span: int = struct.field(pytree_node=False)
     chunk: int = struct.field(pytree_node=False, default=64)
+    branches: int | None = struct.field(pytree_node=False, default=None)
 
 
 @struct.dataclass
@@ -124,6 +134,16 @@ class LocalMask:
     mask_BxCxQxW: jax.Array
     chunk: int = struct.field(pytree_node=False)
     blocks: int = struct.field(pytree_node=False)
+
+
+@struct.dataclass
+class SegmentMask:
+    """Causal attention within segments, for a fused kernel: query t sees key s <= t of its own
+    segment (and, with `window`, t - s < window). Cache-less passes only: T == S."""
+
+    segment_BxT: jax.Array
+    impl: str = struct.field(pytree_node=False)
+    window: int | None = struct.field(pytree_node=False, default=None)
 
 
 def _key_windows(x_BxT, blocks: int, chunk: int, fill):
@@ -263,6 +283,11 @@ class Attention(nnx.Module):
             k_BxSxKxH = jax.lax.dynamic_update_slice(k_cache, k_BxTxKxH.astype(k_cache.dtype), (0, end, 0, 0))
             v_BxSxKxH = jax.lax.dynamic_update_slice(v_cache, v_BxTxKxH.astype(v_cache.dtype), (0, end, 0, 0))
 
+        if isinstance(mask_BxTxS, SegmentMask):  # a fused kernel; its mask is segment ids
+            sm = mask_BxTxS
+            out_BxTxNxH = fused_attention(sm.impl, q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, sm.segment_BxT,
+                                          scale=self.scale, softcap=self.softcap, window=sm.window)
+            return self.o_proj(out_BxTxNxH.astype(x_BxTxD.dtype).reshape(b, tq, n * h)), (k_BxSxKxH, v_BxSxKxH)
         q_BxTxKxGxH = q_BxTxNxH.reshape(b, tq, k, n // k, h)
         if isinstance(mask_BxTxS, LocalMask):  # packed rows: each query chunk against its window of keys
             lm = mask_BxTxS
@@ -410,6 +435,13 @@ class Transformer(nnx.Module):
             sliding_BxTxS = full_BxTxS & window_TxS[None]
         if packing is not None:
             full_BxTxS, sliding_BxTxS = packed_masks(packing, positions_BxT, cfg.sliding_window)
+        impl = attention_path(cfg.attention_impl, cfg.attn_logit_softcap, cached=cache is not None,
+                              packed=packing is not None, branches=None if packing is None else packing.branches)
+        dense_full_BxTxS, dense_sliding_BxTxS = full_BxTxS, sliding_BxTxS  # for a read_BxM last layer
+        if impl != "xla":  # left padding is segment 0 and real tokens segment 1; packing has its own
+            segment_BxT = input_mask_BxT.astype(jnp.int32) if packing is None else packing.segment_BxT
+            full_BxTxS = SegmentMask(segment_BxT, impl)
+            sliding_BxTxS = SegmentMask(segment_BxT, impl, cfg.sliding_window)
 
         x_BxTxD = self.embedding[...][tokens_BxT]
         if cfg.embed_scale is not None:
@@ -427,7 +459,7 @@ class Transformer(nnx.Module):
                                                                    cfg.sliding_window)
                     mask_BxMxS = sliding_BxMxS if block.sliding else full_BxMxS
                 else:
-                    mask_BxMxS = gather_rows(mask_BxTxS, read_BxM)
+                    mask_BxMxS = gather_rows(dense_sliding_BxTxS if block.sliding else dense_full_BxTxS, read_BxM)
                 x_BxTxD, (k, v) = run(block, x_BxTxD, positions_BxT, mask_BxMxS, kv_cache, end, read_BxM)
             else:
                 x_BxTxD, (k, v) = run(block, x_BxTxD, positions_BxT, mask_BxTxS, kv_cache, end)
