@@ -17,6 +17,7 @@ Reads every finished stage (`pe_rlhf.eval.experiment.collect`) and writes:
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import os
 import sys
@@ -30,6 +31,16 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from pe_rlhf.eval.experiment import BASELINE, collect, markdown  # noqa: E402
 from pe_rlhf.train.stages import write_json_atomic  # noqa: E402
+
+
+def response_variety(responses: list[str], words: int = 2) -> dict:
+    """How varied a policy's replies are: distinct replies, and the most common opening (its first
+    `words` words, typographic apostrophes read as plain ones) with its share of the replies."""
+    texts = [" ".join(r.replace("\u2019", "'").split()) for r in responses]
+    openings = collections.Counter(" ".join(t.split()[:words]) for t in texts)
+    top, count = openings.most_common(1)[0] if openings else ("", 0)
+    return {"responses": len(texts), "distinct": len(set(texts)), "top_opening": top,
+            "top_opening_share": count / len(texts) if texts else float("nan")}
 
 
 def compact(result: dict) -> dict:
@@ -59,6 +70,9 @@ def compact(result: dict) -> dict:
                         seconds_per_step=rl["seconds_per_step"], rl_seconds=rl["seconds"],
                         compiled_peak_bytes=rl["compiled_peak_bytes"],
                         rss_peak_bytes_process=rl["rss_peak_bytes_process"])
+        responses = os.path.join(result["workdir"], "eval", name, "responses.jsonl")
+        if os.path.exists(responses):
+            line["variety"] = response_variety([json.loads(r)["response"] for r in open(responses)])
         out["lines"][name] = line
     return out
 

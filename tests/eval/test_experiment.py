@@ -149,3 +149,6 @@ def test_experiment_runs_resumes_and_repairs_a_half_written_stage(tmp_path):
     assert compact["lines"]["lora_remax"]["steps"] == 2 and compact["lines"]["lora_remax"]["seconds_per_step"] > 0
     assert compact["stages"]["rm_agreement"]["pairs"] == len(held)
     assert sorted(os.listdir(tmp_path / "fig")) == ["x_judge_vs_kl.png", "x_reward_vs_step.png"]
+    assert compact["lines"]["lora_remax"]["variety"]["responses"] == row["prompts"]
+    assert report.response_variety(["I\u2019m sorry, no.", "I'm  sorry, no.", "Sure thing"]) == {
+        "responses": 3, "distinct": 2, "top_opening": "I'm sorry,", "top_opening_share": 2 / 3}
