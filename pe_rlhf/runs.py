@@ -93,7 +93,7 @@ def _restore_sft(path: str, info: dict, dtype: str):
     from pe_rlhf.checkpoints.orbax_io import RunCheckpointer
     from pe_rlhf.train.supervised import TuningConfig, trainable_filter
 
-    backbone, tokenizer = load_backbone(info["model"], dtype)
+    backbone, tokenizer = load_backbone(info["model"], dtype, quantize=info.get("quantize"))
     adapter = info["adapter"] if info["tuning"] == "lora" else None
     if adapter is not None:
         lora.add_lora(backbone, adapter, lora_config_of(info))

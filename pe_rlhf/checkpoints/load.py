@@ -13,6 +13,7 @@ import os
 import jax.numpy as jnp
 
 from pe_rlhf.checkpoints import gguf_io, hf
+from pe_rlhf.models import quant
 from pe_rlhf.models.config import SUPPORTED_MODEL_TYPES
 from pe_rlhf.models.tiny import tiny_model
 
@@ -49,8 +50,19 @@ def from_pretrained(path: str, *, dtype=jnp.float32):
     raise ValueError(f"{path}: not a directory and not a .gguf file; cannot tell how to load it")
 
 
-def load_backbone(source: str, dtype: str = "float32"):
-    """(Transformer, tokenizer) from a checkpoint path, 'gemma3-270m' (pip package) or 'tiny[-family]'."""
+def load_backbone(source: str, dtype: str = "float32", quantize: str | None = None):
+    """(Transformer, tokenizer) from a checkpoint path, 'gemma3-270m' (pip package) or 'tiny[-family]'.
+
+    `quantize` (int8 | int4 | nf4) stores the decoder projections quantised (`models.quant`), as a run
+    with `TuningConfig.quantize` trained on them; None keeps them in `dtype`.
+    """
+    model, tokenizer = _load(source, dtype)
+    if quantize is not None:
+        quant.quantize_projections(model, quantize)
+    return model, tokenizer
+
+
+def _load(source: str, dtype: str):
     if source not in KNOWN_MODELS and not os.path.exists(source):
         close = difflib.get_close_matches(source, KNOWN_MODELS, n=1, cutoff=0.6)
         hint = f"Did you mean {close[0]!r}? " if close else ""

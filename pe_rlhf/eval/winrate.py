@@ -57,7 +57,7 @@ def restore_rl_policy(workdir: str, info: dict, *, dtype: str = "float32",
     from pe_rlhf.checkpoints.orbax_io import RunCheckpointer
     from pe_rlhf.train.policy import RLModules
 
-    backbone, tokenizer = load_backbone(info["model"], dtype)
+    backbone, tokenizer = load_backbone(info["model"], dtype, quantize=info.get("quantize"))
     adapter = info.get("adapter", "policy")
     if info["tuning"] == "lora":
         cfg = lora_config_of(info) or lora_config
@@ -169,9 +169,10 @@ def load_reward_model(workdir: str, *, dtype: str = "float32"):
     info = read_run_info(workdir) or {}
     if info.get("stage") != "reward_model":
         raise ValueError(f"{workdir}: not a reward-model workdir (run_info.json stage {info.get('stage')!r})")
-    backbone, tokenizer = load_backbone(info["model"], dtype)
+    backbone, tokenizer = load_backbone(info["model"], dtype, quantize=info.get("quantize"))
     # A fresh backbone of the RM's own base: "shared" here means shared with nobody else.
-    rm = attach_reward_model(backbone, tokenizer, workdir, policy_model=info["model"], dtype=dtype)
+    rm = attach_reward_model(backbone, tokenizer, workdir, policy_model=info["model"], dtype=dtype,
+                             policy_quantize=info.get("quantize"))
     return rm, tokenizer, info
 
 

@@ -119,7 +119,7 @@ def train_reward_ensemble(*, workdir: str, dataset: D.Loaded, members: int = 4, 
                   center_coef=center_coef, adapter=f"{adapter}_{k}")
 
     # WARM and the ensemble, on one backbone
-    backbone, tokenizer = load_backbone(model, dtype)
+    backbone, tokenizer = load_backbone(model, dtype, quantize=tuning.quantize)  # as the members trained
     rms = restore_members(backbone, dirs)
     warm = write_warm(os.path.join(workdir, WARM), backbone, rms, dirs)
 
@@ -137,7 +137,7 @@ def train_reward_ensemble(*, workdir: str, dataset: D.Loaded, members: int = 4, 
             summary[f"ensemble_{key}"] = M.classification_metrics(combine_rewards(a_KxN, rule), b_KxN[0])
     summary[WARM] = M.reward_metrics(rd.pairwise, *rd.eval_scores(*nnx.split(warm, trainable_filter(tuning, WARM),
                                                                              ...), loop))
-    info = {"stage": ENSEMBLE_STAGE, "model": model, "dtype": dtype, "tuning": "lora",
+    info = {"stage": ENSEMBLE_STAGE, "model": model, "dtype": dtype, "tuning": "lora", "quantize": tuning.quantize,
             "members": [os.path.relpath(d, workdir) for d in dirs], "adapter": adapter,
             "lora": dataclasses.asdict(tuning.lora), "warm": WARM}
     write_run_info(workdir, info)

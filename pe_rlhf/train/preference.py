@@ -114,7 +114,7 @@ def train_dpo(*, workdir: str, dataset: D.Loaded, model: str = "tiny", dtype: st
                           f"{type(examples[0]).__name__}; read them with read_preference_jsonl or read_hh_harmless")
 
     # MODELS: the policy (backbone + adapter) and its reference (adapters off, or a frozen copy)
-    backbone, tokenizer = load_backbone(model, dtype)
+    backbone, tokenizer = load_backbone(model, dtype, quantize=tuning.quantize)  # QLoRA: the reference reads it too
     backbone.remat = tuning.remat
     reference = None
     if tuning.mode == "lora":
@@ -142,6 +142,7 @@ def train_dpo(*, workdir: str, dataset: D.Loaded, model: str = "tiny", dtype: st
     # RECORD: a policy run, loadable as the RL runs are
     options = {"beta": beta, "loss": loss, "label_smoothing": label_smoothing}
     run_info = {"stage": "rl", "algorithm": loss, "model": model, "dtype": dtype, "tuning": tuning.mode,
+                "quantize": tuning.quantize,
                 "adapter": adapter, "lora": dataclasses.asdict(tuning.lora) if tuning.mode == "lora" else None,
                 "dpo": options, "data_stats": dataclasses.asdict(stats), "train_examples": len(train_items),
                 "eval_examples": len(eval_items)}

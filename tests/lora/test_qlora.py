@@ -241,6 +241,12 @@ def test_reward_model_trains_and_its_merged_export_scores_alike(qlora_rm, tmp_pa
     ids = _tokens(3, (4, 16))
     mask = jnp.ones_like(ids, bool).at[0, :5].set(False)
     np.testing.assert_allclose(merged(ids, mask), rm(ids, mask), rtol=0, atol=1e-4)
+    # loaded for evaluation from its workdir alone: on one backbone quantised as it trained
+    from pe_rlhf.eval import winrate
+
+    loaded, _, _ = winrate.load_reward_model(workdir)
+    assert isinstance(loaded.backbone.layers[0].attn.q_proj.kernel, quant.QuantizedKernel)
+    np.testing.assert_allclose(loaded(ids, mask), rm(ids, mask), rtol=0, atol=1e-6)
     # with the adapter off, the export of the base is the dequantised backbone itself
     export_merged(rm.backbone, str(tmp_path / "base"))
     base, _ = from_pretrained(str(tmp_path / "base"))
