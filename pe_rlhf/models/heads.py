@@ -58,8 +58,9 @@ class RewardModel(nnx.Module):
 
         `span` is the longest item the batch may hold (prompt + responses), a static int.
         """
-        packing = Packing(batch["segment_RxN"], batch["branch_RxN"], span=span)
         r, p, k = batch["read_RxPxK"].shape
+        # k continuations per item: one (labelled examples) lets a fused attention kernel take the rows
+        packing = Packing(batch["segment_RxN"], batch["branch_RxN"], span=span, branches=k)
         h_RxPKxD = self._hidden(batch["tokens_RxN"], positions_BxT=batch["positions_RxN"], packing=packing,
                                 read_BxM=batch["read_RxPxK"].reshape(r, p * k))
         return self.head(h_RxPKxD).reshape(r, p, k)
