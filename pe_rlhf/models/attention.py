@@ -64,10 +64,20 @@ def resolve_attention_impl(impl: str, softcap: float | None) -> str:
 
 
 def attention_path(impl: str, softcap: float | None, *, cached: bool, packed: bool,
-                   branches: int | None) -> str:
-    """'xla' or the fused kernel that one forward pass runs (see the module docstring for the cases)."""
+                   branches: int | None, dtype=None) -> str:
+    """'xla' or the fused kernel that one forward pass runs (see the module docstring for the cases).
+
+    `dtype` is the activations' dtype: cuDNN attention takes only fp16 and bf16, so on a GPU an fp32
+    model asked for 'cudnn' (or 'auto') runs the 'xla' path. Elsewhere 'cudnn' is
+    `jax.nn.dot_product_attention`'s XLA implementation, which takes any float.
+    """
     impl = resolve_attention_impl(impl, softcap)
     if impl == "xla" or cached:
+        return "xla"
+    half = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+    if impl == "cudnn" and jax.default_backend() == "gpu" and dtype is not None and jnp.dtype(dtype) not in half:
+        log_once(f"attention_impl 'cudnn': cuDNN attention takes fp16 or bf16 inputs, not {jnp.dtype(dtype).name}; "
+                 "this model's attention runs on the 'xla' path")
         return "xla"
     if packed and (branches is None or branches > 1):
         log_once(f"attention_impl {impl!r}: packed rows whose items have several continuations "

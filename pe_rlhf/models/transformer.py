@@ -436,7 +436,8 @@ class Transformer(nnx.Module):
         if packing is not None:
             full_BxTxS, sliding_BxTxS = packed_masks(packing, positions_BxT, cfg.sliding_window)
         impl = attention_path(cfg.attention_impl, cfg.attn_logit_softcap, cached=cache is not None,
-                              packed=packing is not None, branches=None if packing is None else packing.branches)
+                              packed=packing is not None, branches=None if packing is None else packing.branches,
+                              dtype=self.dtype)
         dense_full_BxTxS, dense_sliding_BxTxS = full_BxTxS, sliding_BxTxS  # for a read_BxM last layer
         if impl != "xla":  # left padding is segment 0 and real tokens segment 1; packing has its own
             segment_BxT = input_mask_BxT.astype(jnp.int32) if packing is None else packing.segment_BxT

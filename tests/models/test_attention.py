@@ -201,7 +201,7 @@ def test_auto_is_todays_attention_on_cpu():
     np.testing.assert_array_equal(logits[0], logits[1])
 
 
-def test_paths_that_keep_xla(caplog):
+def test_paths_that_keep_xla(caplog, monkeypatch):
     attention.log_once.cache_clear()
     with caplog.at_level(logging.WARNING, logger=attention.__name__):
         assert resolve_attention_impl("cudnn", 50.0) == "xla"
@@ -211,6 +211,11 @@ def test_paths_that_keep_xla(caplog):
     assert attention_path("mosaic_tpu", None, cached=False, packed=True, branches=None) == "xla"
     assert attention_path("mosaic_tpu", None, cached=False, packed=True, branches=1) == "mosaic_tpu"
     assert attention_path("cudnn", None, cached=False, packed=False, branches=None) == "cudnn"
+    # on a GPU cuDNN takes fp16/bf16 only: an fp32 model keeps the XLA path, a bf16 one gets the kernel
+    assert attention_path("cudnn", None, cached=False, packed=False, branches=None, dtype=jnp.float32) == "cudnn"
+    monkeypatch.setattr(attention.jax, "default_backend", lambda: "gpu")
+    assert attention_path("cudnn", None, cached=False, packed=False, branches=None, dtype=jnp.float32) == "xla"
+    assert attention_path("cudnn", None, cached=False, packed=False, branches=None, dtype=jnp.bfloat16) == "cudnn"
 
 
 def test_unknown_impl_is_refused():
