@@ -16,8 +16,8 @@ Each finished row is appended to `<out>/rows.jsonl` at once (a rerun skips rows 
 directory holds one topology and one set of shapes); at the end the script writes `<out>/results.json`,
 `<out>/table.md`, three plots (peak by LoRA rank; LoRA / full by model size; ReMax / PPO), and prints the
 ratios side by side: LoRA RM / full RM, PE-ReMax / full PPO, ReMax / PPO at equal tuning. A LoRA row is
-compared with the full row of the same remat setting and frozen dtype (float32 where none was measured:
-a fully tuned RM freezes nothing).
+compared with the full row of the same remat setting and model dtype (float32 where none was measured);
+a full row in bfloat16 trains fp32 master weights of a bf16 compute copy, as training does (`train.precision`).
 """
 
 from __future__ import annotations
@@ -112,9 +112,9 @@ def _key(row) -> tuple:
 def grid(args) -> list[tuple]:
     """(preset index, preset, TuningConfig, frozen dtype, stage) for presets x stages x tunings x frozen dtypes.
 
-    A fully tuned reward model freezes nothing, so `build_rm_step` keeps it float32 whatever the frozen
-    dtype; its rows are recorded (and compiled) once, as float32. Full RL steps do have frozen models
-    (the anchor and the reward model), so there the frozen dtype applies.
+    The dtype is the model's: in LoRA rows the frozen backbone's; in full rows the frozen models' (RL's anchor
+    and reward model) and the compute copy of the fp32 master weights that train (`train.precision`), so a
+    bf16 LoRA row is compared with a bf16 full row built as training builds it.
     """
     import dataclasses
 
@@ -124,9 +124,8 @@ def grid(args) -> list[tuple]:
             for text in args.rl_tunings if stage != "rm" and args.rl_tunings else args.tunings:
                 for dtype in args.frozen_dtype:
                     tuning = dataclasses.replace(parse_tuning(text), remat=args.remat)
-                    frozen = "float32" if stage == "rm" and tuning.mode == "full" else dtype
-                    if (i, name, tuning, frozen, stage) not in out:
-                        out.append((i, name, tuning, frozen, stage))
+                    if (i, name, tuning, dtype, stage) not in out:
+                        out.append((i, name, tuning, dtype, stage))
     return out
 
 
@@ -150,8 +149,8 @@ def _find(rows, preset, tuning, stage, frozen_dtype="float32"):
 
 
 def baseline(rows, row, stage):
-    """The fully tuned row `row` is compared with: same preset and remat, step `stage`, the same frozen dtype
-    where one was measured, else float32 (a full RM is always float32: it freezes nothing)."""
+    """The fully tuned row `row` is compared with: same preset and remat, step `stage`, the same dtype where
+    one was measured, else float32 (rows recorded before full bf16 rows were built as mixed precision)."""
     full = "full-remat" if row["tuning"].endswith("-remat") else "full"
     return (_find(rows, row["preset"], full, stage, _dtype(row))
             or _find(rows, row["preset"], full, stage, "float32"))
@@ -328,8 +327,8 @@ def parse_args(argv=None):
     p.add_argument("--rl-tunings", nargs="+", default=None, help="tunings for RL stages (default: --tunings)")
     p.add_argument("--stages", nargs="+", default=list(STAGES), choices=STAGES)
     p.add_argument("--frozen-dtype", nargs="+", default=["float32"], choices=["float32", "bfloat16"],
-                   help="dtype(s) of the frozen weights: the LoRA backbone, the full RL anchor and reward model "
-                        "(a fully tuned RM freezes nothing and stays float32)")
+                   help="model dtype(s): the frozen weights (the LoRA backbone, the full RL anchor and reward "
+                        "model) and, when fully tuning, the compute copy of the fp32 master weights")
     p.add_argument("--remat", action="store_true", help="rematerialise each decoder block (every tuning)")
     p.add_argument("--rm-pairs", type=int, default=8)
     p.add_argument("--rm-len", type=int, default=512)
@@ -413,7 +412,8 @@ def main(argv=None):
              if args.topology else f"local {jax.default_backend()} ({os.cpu_count()} cores)")
     header = (f"Benchmark on {where}. RM: {args.rm_pairs} pairs x {args.rm_len} tokens; RL: {args.rl_prompts} "
               f"prompts x {args.prompt_len} + {args.new_tokens} new tokens (PPO {args.ppo_epochs} epochs); "
-              f"frozen weights {' / '.join(args.frozen_dtype)} (a fully tuned RM is float32); "
+              f"model dtype {' / '.join(args.frozen_dtype)} (frozen weights; full tuning: fp32 masters of that "
+              "compute copy); "
               f"{'per-block remat' if args.remat else 'no remat'}.")
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump({"args": vars(args), "machine": machine, "param_counts": sizes, "rows": rows,

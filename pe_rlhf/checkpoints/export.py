@@ -136,13 +136,16 @@ def export_merged(model, directory: str, *adapters: str, hf_config: dict | None 
 
     `hf_config` replaces the config built by `hf_config_dict` (e.g. for a model
     loaded from GGUF, `gguf_io.gguf_hf_config(path).to_dict()`); `tokenizer`, if
-    given, is saved beside the weights.
+    given, is saved beside the weights. Tensors keep the dtype they hold: a model fully tuned in bf16 holds
+    its fp32 master weights (`train.precision`) and is written in fp32, and `config.json`'s `dtype` says so.
     """
     plain = lora.merged_model(model, *adapters)
     config = dict(hf_config) if hf_config is not None else hf_config_dict(model.config)
-    config["dtype"] = jnp.dtype(model.dtype).name
+    tensors = hf.state_dict(plain)
+    dtypes = {np.dtype(t.dtype).name for t in tensors.values()}
+    config["dtype"] = dtypes.pop() if len(dtypes) == 1 else jnp.dtype(model.dtype).name
     with _atomic_directory(directory) as tmp:
-        _save(hf.state_dict(plain), tmp, "model.safetensors", config, "config.json")
+        _save(tensors, tmp, "model.safetensors", config, "config.json")
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
     return directory

@@ -41,15 +41,15 @@ def plan_step(*, stage: str, model: str, tuning: TuningConfig, batch_size: int, 
               optimizer: OptimizerConfig = OptimizerConfig()) -> S.StepReport:
     """Compile the step of `stage` ('reward_model' or 'rl') for `target` ('local' or a topology such as v5e:2x2).
 
-    `dtype` is the job's: the dtype of the frozen backbone in LoRA mode (full tuning trains float32).
+    `dtype` is the job's: the frozen weights' dtype, and when fully tuning the compute copy of the fp32
+    master weights (`train.precision`), so a LoRA and a full plan in bf16 compare like with like.
     """
     cfg = model_config(model)
-    frozen_dtype = dtype if tuning.mode == "lora" else "float32"
     if stage == "reward_model":
-        spec = S.build_rm_step(cfg, tuning, frozen_dtype=frozen_dtype, pairs=batch_size,
+        spec = S.build_rm_step(cfg, tuning, frozen_dtype=dtype, pairs=batch_size,
                                seq_len=prompt_len + response_len, optimizer=optimizer)
     elif stage == "rl":
-        spec = S.build_rl_step(cfg, tuning, frozen_dtype=frozen_dtype, algorithm=algorithm, prompts=batch_size,
+        spec = S.build_rl_step(cfg, tuning, frozen_dtype=dtype, algorithm=algorithm, prompts=batch_size,
                                prompt_len=prompt_len, new_tokens=response_len, optimizer=optimizer)
     else:
         raise ValueError(f"plan_step: stage {stage!r}; ahead-of-time planning covers 'reward_model' and 'rl'")

@@ -4,7 +4,9 @@ A builder returns a `StepSpec`: the pure step function, its ABSTRACT arguments
 (`jax.ShapeDtypeStruct` trees; models come from `nnx.eval_shape`, so a full-size
 preset costs no memory) and which arguments are donated (the trainable state and
 its optimizer state). Two steps, full or LoRA (`train.config.TuningConfig`, as a job takes it),
-with the frozen weights in `frozen_dtype`:
+built in `frozen_dtype` as a job built in that `dtype` is: frozen weights in it, and what trains in
+fp32 (LoRA adapters and heads are fp32; fully tuned weights are fp32 masters of a `frozen_dtype`
+compute copy, cast inside the step, as `train.precision` lays them out for training):
 
 - `build_rm_step`: one Bradley-Terry update of a reward model on B pairs x T tokens
   (`train.supervised_steps.train_step` with `pairwise_reward_loss`), the model assembled and
@@ -54,12 +56,13 @@ from pe_rlhf.train import supervised_steps
 from pe_rlhf.train.config import TuningConfig
 from pe_rlhf.train.optim import OptimizerConfig, make_optimizer
 from pe_rlhf.train.policy import RLConfig, RLModules, rl_step
+from pe_rlhf.train.precision import Precision, master_weights
 from pe_rlhf.train.rl_loop import rl_trainable_filter
 from pe_rlhf.train.sharded import BATCH, REPLICATED, step_shardings
 from pe_rlhf.train.supervised import reward_model, trainable_filter
 
 RL_ALGORITHMS = ("reinforce", "remax", "ppo")
-FROZEN_DTYPES = ("float32", "bfloat16")  # of what stays frozen; what trains is float32
+FROZEN_DTYPES = ("float32", "bfloat16")  # the model dtype: of what stays frozen and of the compute copy
 
 
 def tuning_label(tuning: TuningConfig) -> str:
@@ -107,16 +110,23 @@ def _transformer(cfg: ModelConfig, dtype, seed: int, remat: bool) -> Transformer
     return Transformer(cfg, dtype=dtype, rngs=nnx.Rngs(seed), remat=remat)
 
 
+def _compute_copy_bytes(trainable, precision: Precision) -> dict[str, int]:
+    """{'compute_copy': bytes of the masters' cast inside the step} when mixed (full tuning in bf16), else {}."""
+    return {"compute_copy": precision.compute_bytes(trainable)} if precision.mixed else {}
+
+
 # -- builders ---------------------------------------------------------------------------------
 def build_rm_step(cfg: ModelConfig, tuning: TuningConfig = TuningConfig(), *, pairs: int, seq_len: int,
                   frozen_dtype: str = "float32", optimizer: OptimizerConfig = OptimizerConfig()) -> StepSpec:
     """The Bradley-Terry step on `pairs` x `seq_len`: LoRA adapter + head train, or every parameter.
 
-    The backbone is `frozen_dtype` in LoRA mode; a fully tuned reward model freezes nothing and is float32.
+    The model is built in `frozen_dtype`: in LoRA mode the frozen backbone; fully tuned, the compute copy of
+    fp32 master weights (a float32 full RM is fp32 throughout), as `train_reward_model` trains it.
     """
-    dtype = _frozen(frozen_dtype) if tuning.mode == "lora" else jnp.dtype("float32")
+    dtype = _frozen(frozen_dtype)
     model = nnx.eval_shape(lambda: reward_model(Transformer(cfg, dtype=dtype, rngs=nnx.Rngs(0)), tuning, "reward"))
     graphdef, trainable, frozen = nnx.split(model, trainable_filter(tuning, "reward"), ...)
+    trainable, precision = master_weights(trainable)
     tx = make_optimizer(optimizer)
     opt_state = jax.eval_shape(tx.init, trainable)
     tokens = jax.ShapeDtypeStruct((pairs, seq_len), jnp.int32)
@@ -125,11 +135,12 @@ def build_rm_step(cfg: ModelConfig, tuning: TuningConfig = TuningConfig(), *, pa
 
     def step(trainable, opt_state, frozen, batch):
         return supervised_steps.train_step(trainable, opt_state, frozen, batch, graphdef=graphdef, tx=tx,
-                                           loss_fn=supervised_steps.pairwise_reward_loss)
+                                           loss_fn=supervised_steps.pairwise_reward_loss, precision=precision)
 
     rows = 2 * pairs
     estimates = {"hidden_per_layer": rows * seq_len * cfg.hidden_size * 4,
-                 "attention_probs_per_layer": rows * cfg.num_heads * seq_len * seq_len * 4}
+                 "attention_probs_per_layer": rows * cfg.num_heads * seq_len * seq_len * 4,
+                 **_compute_copy_bytes(trainable, precision)}
     return StepSpec(f"rm/{tuning_label(tuning)}", step, (trainable, opt_state, frozen, batch),
                     ("trainable", "opt_state", "frozen", "batch"), (0, 1), cfg.vocab_size, estimates, (BATCH,))
 
@@ -139,7 +150,8 @@ def build_rl_step(cfg: ModelConfig, tuning: TuningConfig = TuningConfig(), *, al
                   optimizer: OptimizerConfig = OptimizerConfig()) -> StepSpec:
     """One RL update (reinforce | remax | ppo) on `prompts` x `prompt_len` + `new_tokens` sampled tokens.
 
-    The shared backbone (LoRA), or the anchor and reward model (full), are `frozen_dtype`; what trains is float32.
+    The shared backbone (LoRA), or the anchor and reward model (full), are `frozen_dtype`; what trains is float32:
+    adapters and heads, or (full) the policy's and value model's fp32 master weights of a `frozen_dtype` copy.
     """
     if algorithm not in RL_ALGORITHMS:
         raise ValueError(f"build_rl_step: algorithm={algorithm!r}; choose one of {', '.join(RL_ALGORITHMS)}")
@@ -156,13 +168,14 @@ def build_rl_step(cfg: ModelConfig, tuning: TuningConfig = TuningConfig(), *, al
 
     def build_full():
         model = lambda dtype, seed: _transformer(cfg, dtype, seed, tuning.remat)
-        value = RewardModel(model(jnp.float32, 3)) if ppo else None
-        return RLModules(model(jnp.float32, 0), policy_adapters=(), anchor=model(frozen_dtype, 1),
+        value = RewardModel(model(frozen_dtype, 3)) if ppo else None
+        return RLModules(model(frozen_dtype, 0), policy_adapters=(), anchor=model(frozen_dtype, 1),
                          reward=RewardModel(model(frozen_dtype, 2)), value=value)
 
     rl_cfg = RLConfig(algorithm=algorithm, max_new_tokens=new_tokens, ppo_epochs=ppo_epochs)
     modules = nnx.eval_shape(build_pe if tuning.mode == "lora" else build_full)
     graphdef, trainable, frozen = nnx.split(modules, rl_trainable_filter(tuning, rl_cfg, "policy"), ...)
+    trainable, precision = master_weights(trainable)
     tx = make_optimizer(optimizer)
     opt_state = jax.eval_shape(tx.init, trainable)
     prompt = jax.ShapeDtypeStruct((prompts, prompt_len), jnp.int32)
@@ -170,12 +183,12 @@ def build_rl_step(cfg: ModelConfig, tuning: TuningConfig = TuningConfig(), *, al
     rl_state = {"baseline": jax.ShapeDtypeStruct((), jnp.float32)}
     rng = jax.eval_shape(lambda: jax.random.key(0))
     step = functools.partial(rl_step, graphdef=graphdef, tx=tx, cfg=rl_cfg, reward_fn=None,
-                             eos_ids=tuple(cfg.eos_token_ids), pad_id=cfg.pad_token_id or 0)
+                             eos_ids=tuple(cfg.eos_token_ids), pad_id=cfg.pad_token_id or 0, precision=precision)
 
     rows = 2 * prompts if algorithm == "remax" else prompts  # ReMax adds one greedy rollout per prompt
     length = prompt_len + new_tokens
-    compute_itemsize = 4 if tuning.mode == "full" else frozen_dtype.itemsize
-    estimates = {
+    compute_itemsize = frozen_dtype.itemsize  # the policy samples in the model dtype (full: the compute copy)
+    estimates = {**_compute_copy_bytes(trainable, precision),
         "prefill_logits": rows * prompt_len * cfg.vocab_size * 4,  # the sampler's prefill, every prompt position
         "response_logits": rows * new_tokens * cfg.vocab_size * 4,  # one [rows, N, V] float32 block
         "kv_cache": 2 * cfg.num_layers * rows * length * cfg.num_kv_heads * cfg.head_dim * compute_itemsize,

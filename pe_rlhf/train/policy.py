@@ -27,6 +27,7 @@ from flax import nnx
 from pe_rlhf import rl
 from pe_rlhf.train.optim import guard_nonfinite, nonfinite_updates
 from pe_rlhf.train.ppo import ppo_step
+from pe_rlhf.train.precision import Precision
 from pe_rlhf.train.rollout import (
     ALGORITHMS,
     RLConfig,
@@ -44,13 +45,17 @@ def _score_B(part: Rollout, cfg: RLConfig):
 
 
 def rl_step(trainable, opt_state, frozen, rl_state, batch, rng, *, graphdef, tx: optax.GradientTransformation,
-            cfg: RLConfig, reward_fn: Callable | None, eos_ids: tuple[int, ...], pad_id: int):
-    """One policy update. `rl_state` carries the moving-average baseline; returns the new one too."""
+            cfg: RLConfig, reward_fn: Callable | None, eos_ids: tuple[int, ...], pad_id: int,
+            precision: Precision = Precision()):
+    """One policy update. `rl_state` carries the moving-average baseline; returns the new one too.
+
+    With a mixed `precision`, `trainable` holds fp32 masters; rollout and loss run on their compute copy.
+    """
     if cfg.algorithm == "ppo":
         return ppo_step(trainable, opt_state, frozen, rl_state, batch, rng, graphdef=graphdef, tx=tx, cfg=cfg,
-                        reward_fn=reward_fn, eos_ids=eos_ids, pad_id=pad_id)
+                        reward_fn=reward_fn, eos_ids=eos_ids, pad_id=pad_id, precision=precision)
     estimator = cfg.estimator  # rl.ADVANTAGES[cfg.algorithm]
-    m: RLModules = nnx.merge(graphdef, trainable, frozen)
+    m: RLModules = nnx.merge(graphdef, precision.cast(trainable), frozen)
 
     # ROLLOUT: k sampled continuations per prompt, plus one greedy per prompt for ReMax, in one call; rewards.
     ro = rollout(m, batch["prompt_BxT"], batch["prompt_mask_BxT"], rng, cfg.sampling, reward_fn=reward_fn,
@@ -72,7 +77,7 @@ def rl_step(trainable, opt_state, frozen, rl_state, batch, rng, *, graphdef, tx:
                else rl.token_mean_policy_gradient_loss)
 
     def loss_fn(trainable):
-        m = nnx.merge(graphdef, trainable, frozen)
+        m = nnx.merge(graphdef, precision.cast(trainable), frozen)
         with m.as_policy() as policy:
             logp_SxN, entropy_SxN = sampled.logprobs_under(policy)
         loss = pg_loss(adv_S, logp_SxN, sampled.mask_BxN)

@@ -17,19 +17,22 @@ import optax
 from flax import nnx
 
 from pe_rlhf import rl
+from pe_rlhf.train.precision import Precision
 from pe_rlhf.train.rollout import RLConfig, RLModules, rollout, with_anchor
 
 
 def ppo_step(trainable, opt_state, frozen, rl_state, batch, rng, *, graphdef, tx: optax.GradientTransformation,
-             cfg: RLConfig, reward_fn: Callable | None, eos_ids: tuple[int, ...], pad_id: int):
+             cfg: RLConfig, reward_fn: Callable | None, eos_ids: tuple[int, ...], pad_id: int,
+             precision: Precision = Precision()):
     """PPO with a value model (a `value` adapter + per-token head on the same backbone in LoRA mode).
 
     Per-token rewards are -beta * KL to the anchor with the sequence reward added at the last real
     token; advantages by GAE over the value model's estimates, whitened; `ppo_epochs` full-batch
     epochs of the clipped policy loss + value_coef * the clipped value loss. `rl_state` is returned
-    unchanged.
+    unchanged. With a mixed `precision`, `trainable` holds fp32 masters (the policy's, and a full value
+    model's); rollout and losses run on their compute copy.
     """
-    m: RLModules = nnx.merge(graphdef, trainable, frozen)
+    m: RLModules = nnx.merge(graphdef, precision.cast(trainable), frozen)
 
     # ROLLOUT: samples_per_prompt responses per prompt and their rewards
     ro = rollout(m, batch["prompt_BxT"], batch["prompt_mask_BxT"], rng, cfg.sampling, reward_fn=reward_fn,
@@ -49,7 +52,7 @@ def ppo_step(trainable, opt_state, frozen, rl_state, batch, rng, *, graphdef, tx
 
     # UPDATE: ppo_epochs passes over the rollout
     def loss_fn(trainable):
-        m = nnx.merge(graphdef, trainable, frozen)
+        m = nnx.merge(graphdef, precision.cast(trainable), frozen)
         with m.as_policy() as policy:
             logp_SxN, entropy_SxN = ro.logprobs_under(policy)
         values_SxN = m.value.token_values(ro.seq_BxL, ro.seq_mask_BxL, ro.prompt_len)

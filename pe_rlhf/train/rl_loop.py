@@ -28,6 +28,7 @@ from pe_rlhf.models.heads import EnsembleRule, RewardEnsemble, RewardModel
 from pe_rlhf.sampling.sampler import SamplingConfig
 from pe_rlhf.train.loop import Job, train_loop
 from pe_rlhf.train.optim import OptimizerConfig, guard_nonfinite, make_optimizer
+from pe_rlhf.train.precision import master_weights
 from pe_rlhf.train.rollout import RLConfig, RLModules, rollout
 from pe_rlhf.train.records import lora_config_of, read_run_info, run_identity
 from pe_rlhf.train.sharded import sharded_rl_step
@@ -222,6 +223,10 @@ def train_policy(*, workdir: str, prompts: D.Loaded, model: str = "tiny", dtype:
     # STATE: what trains, its optimizer state, the REINFORCE baseline and the RNG (as key data, to checkpoint)
     filter_ = rl_trainable_filter(tuning, rl, adapter)
     graphdef, trainable, frozen = nnx.split(modules, filter_, ...)
+    trainable, precision = master_weights(trainable)  # full tuning in bf16: fp32 masters (`train.precision`)
+    if precision.mixed:
+        nnx.update(modules, trainable)  # the modules hold the masters, not a second (bf16) copy
+        print(f"mixed precision: {precision.describe(trainable)}")
     tx = guard_nonfinite(make_optimizer(optimizer))
     rl_state = {"baseline": jnp.zeros((), jnp.float32)}
     fresh = train_iter.state()
@@ -229,7 +234,8 @@ def train_policy(*, workdir: str, prompts: D.Loaded, model: str = "tiny", dtype:
     train_iter.restore(fresh)
     stepper = sharded_rl_step(loop.mesh, graphdef=graphdef, tx=tx, cfg=rl, trainable=trainable,
                               opt_state=jax.eval_shape(tx.init, trainable), frozen=frozen, rl_state=rl_state,
-                              batch=example, reward_fn=reward_fn, eos_ids=eos_ids, pad_id=pad_id)
+                              batch=example, reward_fn=reward_fn, eos_ids=eos_ids, pad_id=pad_id,
+                              precision=precision)
     trainable, _, frozen = stepper.place(trainable, None, frozen)
     state = {"trainable": trainable, "opt_state": stepper.init_opt_state(tx, trainable), "rl_state": rl_state,
              "rng": jax.random.key_data(jax.random.key(loop.seed))}
@@ -260,8 +266,9 @@ def train_policy(*, workdir: str, prompts: D.Loaded, model: str = "tiny", dtype:
     # EVALUATION: greedy responses to the held-out prompts, their rewards, samples_<step>.jsonl to read
     def responses(trainable, step, use_anchor=False):
         static = (reward_fn, eos_ids, pad_id, rl.max_new_tokens, use_anchor, float(eval_temperature))
-        tokens, mask, rewards = _eval_rollout(graphdef, trainable, frozen, eval_batch["prompt_BxT"],
-                                              eval_batch["prompt_mask_BxT"], jax.random.key(0), static)
+        tokens, mask, rewards = _eval_rollout(graphdef, precision.cast(trainable), frozen,
+                                              eval_batch["prompt_BxT"], eval_batch["prompt_mask_BxT"],
+                                              jax.random.key(0), static)
         rewards = np.asarray(rewards)
         if jax.process_index() == 0:
             with open(os.path.join(workdir, f"samples_{step}.jsonl"), "w") as f:

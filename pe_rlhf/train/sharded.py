@@ -53,6 +53,7 @@ from pe_rlhf.sharding.rules import (
     state_shardings,
 )
 from pe_rlhf.train.policy import RLConfig, rl_step
+from pe_rlhf.train.precision import Precision
 from pe_rlhf.train.supervised_steps import train_step
 
 # How each argument after (trainable, opt_state, frozen) is placed.
@@ -299,12 +300,14 @@ class ShardedStep:
 # -- the steps ------------------------------------------------------------------------------------
 def sharded_train_step(mesh: Mesh | MeshConfig | None, *, graphdef, tx: optax.GradientTransformation,
                        loss_fn: Callable, trainable, opt_state, frozen, batch,
-                       rules: Rules = DEFAULT_RULES) -> ShardedStep:
-    """`supervised_steps.train_step` (reward model, SFT) on `mesh`:
-    `step(trainable, opt_state, frozen, batch) -> (trainable, opt_state, metrics)`."""
+                       rules: Rules = DEFAULT_RULES, precision: Precision = Precision()) -> ShardedStep:
+    """`supervised_steps.train_step` (reward model, SFT, DPO) on `mesh`:
+    `step(trainable, opt_state, frozen, batch) -> (trainable, opt_state, metrics)`. With a mixed `precision`
+    (`precision.master_weights`) `trainable` is the fp32 masters, cast to the model dtype inside the step."""
 
     def step(trainable, opt_state, frozen, batch):
-        return train_step(trainable, opt_state, frozen, batch, graphdef=graphdef, tx=tx, loss_fn=loss_fn)
+        return train_step(trainable, opt_state, frozen, batch, graphdef=graphdef, tx=tx, loss_fn=loss_fn,
+                          precision=precision)
 
     return ShardedStep(step, mesh=mesh, trainable=trainable, opt_state=opt_state, frozen=frozen, rest=(batch,),
                        placement=(BATCH,), num_outputs=3, rules=rules)
@@ -312,17 +315,19 @@ def sharded_train_step(mesh: Mesh | MeshConfig | None, *, graphdef, tx: optax.Gr
 
 def sharded_rl_step(mesh: Mesh | MeshConfig | None, *, graphdef, tx: optax.GradientTransformation, cfg: RLConfig,
                     trainable, opt_state, frozen, rl_state, batch, reward_fn: Callable | None,
-                    eos_ids: tuple[int, ...], pad_id: int, rng=None, rules: Rules = DEFAULT_RULES) -> ShardedStep:
+                    eos_ids: tuple[int, ...], pad_id: int, rng=None, rules: Rules = DEFAULT_RULES,
+                    precision: Precision = Precision()) -> ShardedStep:
     """`policy.rl_step` (REINFORCE, ReMax, RLOO, GRPO, PPO) on `mesh`:
     `step(trainable, opt_state, frozen, rl_state, batch, rng) -> (trainable, opt_state, rl_state, metrics)`.
 
     Prompts are split over the data axes; the PRNG key is replicated, so with JAX's partitionable
     threefry (`jax_threefry_partitionable`, on by default) every mesh draws the same random numbers.
+    A mixed `precision` is as for `sharded_train_step`.
     """
 
     def step(trainable, opt_state, frozen, rl_state, batch, rng):
         return rl_step(trainable, opt_state, frozen, rl_state, batch, rng, graphdef=graphdef, tx=tx, cfg=cfg,
-                       reward_fn=reward_fn, eos_ids=tuple(eos_ids), pad_id=pad_id)
+                       reward_fn=reward_fn, eos_ids=tuple(eos_ids), pad_id=pad_id, precision=precision)
 
     rng = jax.eval_shape(lambda: jax.random.key(0)) if rng is None else rng
     return ShardedStep(step, mesh=mesh, trainable=trainable, opt_state=opt_state, frozen=frozen,

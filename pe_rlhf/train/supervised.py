@@ -28,6 +28,7 @@ from pe_rlhf.train import supervised_steps
 from pe_rlhf.train.config import DataConfig, LoopConfig, TuningConfig  # noqa: F401 (re-exported)
 from pe_rlhf.train.loop import Job, train_loop
 from pe_rlhf.train.optim import OptimizerConfig, guard_nonfinite, make_optimizer
+from pe_rlhf.train.precision import master_weights
 from pe_rlhf.train.records import run_identity
 from pe_rlhf.train.sharded import sharded_train_step
 from pe_rlhf.train.supervised_losses import token_logprobs
@@ -73,17 +74,24 @@ def fit(module: nnx.Module, *, filter_, loss_fn: Callable, train_iter: D.BatchIt
         workdir: str, run_info: dict) -> dict:
     """Train `module`'s `filter_` partition on `train_iter` through `train_loop`; returns the summary.
 
-    `evaluate(graphdef, trainable, frozen) -> metrics` runs on the held-out set. Resumes from the
-    latest checkpoint in `workdir/checkpoints` (step, optimizer state and data position), so a killed
-    run continues exactly; `module` ends with the trained weights.
+    `evaluate(graphdef, trainable, frozen) -> metrics` runs on the held-out set (the trainable weights in the
+    model dtype). Resumes from the latest checkpoint in `workdir/checkpoints` (step, optimizer state and data
+    position), so a killed run continues exactly; `module` ends with the trained weights. Trainable weights
+    stored below fp32 (full tuning in bf16) train as fp32 masters (`precision.master_weights`): the state,
+    the checkpoints and the weights `module` ends with are the masters.
     """
     graphdef, trainable, frozen = nnx.split(module, filter_, ...)
+    trainable, precision = master_weights(trainable)
+    if precision.mixed:
+        nnx.update(module, trainable)  # the module holds the masters, not a second (bf16) copy
+        print(f"mixed precision: {precision.describe(trainable)}")
     tx = guard_nonfinite(make_optimizer(optimizer))
     fresh = train_iter.state()
     example = next(train_iter)  # one batch's shapes; the iterator is rewound below
     train_iter.restore(fresh)
     stepper = sharded_train_step(loop.mesh, graphdef=graphdef, tx=tx, loss_fn=loss_fn, trainable=trainable,
-                                 opt_state=jax.eval_shape(tx.init, trainable), frozen=frozen, batch=example)
+                                 opt_state=jax.eval_shape(tx.init, trainable), frozen=frozen, batch=example,
+                                 precision=precision)
     trainable, _, frozen = stepper.place(trainable, None, frozen)
 
     def step(state, batch):
@@ -98,7 +106,8 @@ def fit(module: nnx.Module, *, filter_, loss_fn: Callable, train_iter: D.BatchIt
         return int(np.sum(batch["valid_RxP"])) if "valid_RxP" in batch else loop.batch_size
 
     job = Job(state={"trainable": trainable, "opt_state": stepper.init_opt_state(tx, trainable)}, step=step,
-              batches=train_iter, evaluate=lambda state, _: evaluate(graphdef, state["trainable"], frozen),
+              batches=train_iter,
+              evaluate=lambda state, _: evaluate(graphdef, precision.cast(state["trainable"]), frozen),
               place=place, info=run_info, examples=examples, memory=stepper.memory())
     state, summary = train_loop(workdir, loop, job)
     nnx.update(module, state["trainable"])

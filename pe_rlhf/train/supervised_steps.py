@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from pe_rlhf.train.precision import Precision
 from pe_rlhf.train.rollout import response_logprobs
 from pe_rlhf.train.supervised_losses import (PREFERENCE_LOSSES, bradley_terry_loss, binary_cross_entropy_loss,
                                              dpo_loss, ipo_loss, masked_token_loss, next_token_loss)
@@ -117,11 +118,15 @@ def preference_loss(m, batch, *, beta: float, loss: str = "dpo", label_smoothing
 
 # -- the step -------------------------------------------------------------------------------
 def train_step(trainable, opt_state, frozen, batch, *, graphdef, tx: optax.GradientTransformation,
-               loss_fn: Callable):
-    """One optimizer update of `trainable`; `frozen` is read, never written."""
+               loss_fn: Callable, precision: Precision = Precision()):
+    """One optimizer update of `trainable`; `frozen` is read, never written.
+
+    With a mixed `precision` (`precision.master_weights`), `trainable` holds fp32 masters: the loss runs on
+    their compute copy and the gradients, taken through the cast, update the masters in fp32.
+    """
 
     def loss_of(trainable):
-        model = nnx.merge(graphdef, trainable, frozen)
+        model = nnx.merge(graphdef, precision.cast(trainable), frozen)
         return loss_fn(model, batch)
 
     (loss, metrics), grads = jax.value_and_grad(loss_of, has_aux=True)(trainable)
