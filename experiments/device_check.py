@@ -51,14 +51,13 @@ STEPS = ("rm_lora", "rm_full", "sampler", "remax_lora", "ppo_full")
 # What is stored in which dtype, per step (step_builders' layouts with frozen_dtype="bfloat16").
 DTYPES = {
     "rm_lora": {"frozen": "bfloat16", "trained": "float32 (adapters, head, Adam)", "compute": "bfloat16"},
-    "rm_full": {"frozen": None, "trained": "float32 (every weight, Adam)", "compute": "float32"},
+    "rm_full": {"frozen": None, "trained": "float32 master weights and Adam", "compute": "bfloat16 copy"},
     "sampler": {"frozen": "bfloat16", "trained": None, "compute": "bfloat16"},
     "remax_lora": {"frozen": "bfloat16 (one backbone)", "trained": "float32 (policy adapter, Adam)",
                    "compute": "bfloat16"},
-    "ppo_full": {"frozen": "bfloat16 (anchor, reward model)", "trained": "float32 (policy, value model, Adam)",
-                 "compute": "float32 (policy, value), bfloat16 (anchor, reward)"},
+    "ppo_full": {"frozen": "bfloat16 (anchor, reward model)",
+                 "trained": "float32 master weights and Adam (policy, value model)", "compute": "bfloat16"},
 }
-FP32_STEPS = ("rm_full", "ppo_full")
 SHAPES = {  # the device run, and --smoke
     "device": {"rm_pairs": 8, "rm_len": 2048, "rl_prompts": 8, "prompt_len": 512, "new_tokens": 256,
                "ppo_epochs": 4, "sampler_prompts": 32, "sampler_prompt_len": 128, "sampler_new_tokens": 128},
@@ -339,7 +338,7 @@ def main(argv=None) -> int:
     rows = []
     for index, preset in enumerate(args.presets):
         for step in args.steps:
-            impl = "xla" if step in FP32_STEPS and args.attention_impl != "xla" else args.attention_impl
+            impl = args.attention_impl
             row = {"preset": preset, "step": step, "dtypes": DTYPES[step], "attention_impl": impl,
                    "lora_rank": None if step.endswith("_full") or step == "sampler" else args.lora_rank}
             if left() < min_step_s:
