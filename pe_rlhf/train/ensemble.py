@@ -32,7 +32,7 @@ from pe_rlhf.train.config import DataConfig, LoopConfig, TuningConfig
 from pe_rlhf.train.optim import OptimizerConfig
 from pe_rlhf.train.records import lora_config_of, read_run_info, write_run_info
 from pe_rlhf.train.stages import run_stage, write_json_atomic
-from pe_rlhf.train.supervised import reward_data, train_reward_model, trainable_filter
+from pe_rlhf.train.supervised import reward_data, restore_reward_model, train_reward_model, trainable_filter
 
 ENSEMBLE_STAGE = "reward_ensemble"
 WARM = "warm"
@@ -51,15 +51,7 @@ def restore_members(backbone, member_workdirs: list[str]) -> list[RewardModel]:
         info = read_run_info(d)
         if info is None or info.get("stage") != "reward_model" or info.get("tuning") != "lora":
             raise ValueError(f"{d}: not a LoRA reward-model workdir (an ensemble member must be one)")
-        lora.add_lora(backbone, info["adapter"], lora_config_of(info))
-        rm = RewardModel(backbone, adapters=(info["adapter"],))
-        ckpt = RunCheckpointer(os.path.join(d, "checkpoints"))
-        try:
-            ckpt.restore_module(rm, trainable_filter(TuningConfig(mode="lora"), info["adapter"]),
-                                what="reward-model")
-        finally:
-            ckpt.close()
-        members.append(rm)
+        members.append(restore_reward_model(backbone, d, info)[0])
     return members
 
 

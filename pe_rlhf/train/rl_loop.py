@@ -22,7 +22,6 @@ from flax import nnx
 
 from pe_rlhf import data as D
 from pe_rlhf.checkpoints.load import load_backbone
-from pe_rlhf.checkpoints.orbax_io import RunCheckpointer
 from pe_rlhf.models import lora, quant
 from pe_rlhf.models.heads import EnsembleRule, RewardEnsemble, RewardModel
 from pe_rlhf.sampling.sampler import SamplingConfig
@@ -30,11 +29,11 @@ from pe_rlhf.train.loop import Job, train_loop
 from pe_rlhf.train.optim import OptimizerConfig, guard_nonfinite, make_optimizer
 from pe_rlhf.train.precision import master_weights
 from pe_rlhf.train.rollout import RLConfig, RLModules, rollout
-from pe_rlhf.train.records import lora_config_of, read_run_info, run_identity
+from pe_rlhf.train.records import read_run_info, run_identity
 from pe_rlhf.train.sharded import sharded_rl_step
 from pe_rlhf.train.config import DataConfig, LoopConfig, TuningConfig
 from pe_rlhf.train.ensemble import ENSEMBLE_STAGE, member_dirs, restore_members
-from pe_rlhf.train.supervised import trainable_filter
+from pe_rlhf.train.supervised import restore_reward_model
 
 log = logging.getLogger(__name__)
 
@@ -57,9 +56,7 @@ def _same_model(a: str, b: str) -> bool:
 def _own_backbone(info: dict, tokenizer, rm_workdir: str, policy_model: str, dtype: str):
     """A frozen backbone of the reward model's own base (quantised as it trained), refused when its tokenizer
     differs from the policy's."""
-    rm_backbone, rm_tokenizer = load_backbone(info["model"], dtype)
-    if info.get("quantize") is not None:
-        quant.quantize_projections(rm_backbone, info["quantize"])
+    rm_backbone, rm_tokenizer = load_backbone(info["model"], dtype, quantize=info.get("quantize"))
     if not _same_vocab(tokenizer, rm_tokenizer):
         raise RewardModelMismatch(
             f"{rm_workdir}: the reward model's tokenizer ({info['model']}, {len(rm_tokenizer)} tokens) differs "
@@ -102,16 +99,7 @@ def attach_reward_model(backbone, tokenizer, rm_workdir: str, *, policy_model: s
         print(f"reward ensemble from {rm_workdir}: {len(members)} members, rule {rule.rule}"
               f"{f' (penalty {rule.penalty:g})' if rule.rule == 'mean_minus_std' else ''}, {where}")
         return RewardEnsemble(members, rule=rule)
-    adapter, lora_cfg = info["adapter"], lora_config_of(info)
-    if lora_cfg is not None:
-        lora.add_lora(rm_backbone, adapter, lora_cfg)
-    rm = RewardModel(rm_backbone, adapters=(adapter,) if lora_cfg is not None else None)
-    ckpt = RunCheckpointer(os.path.join(rm_workdir, "checkpoints"))
-    try:
-        step = ckpt.restore_module(rm, trainable_filter(TuningConfig(mode=info["tuning"]), adapter),
-                                   what="reward-model")
-    finally:
-        ckpt.close()
+    rm, step = restore_reward_model(rm_backbone, rm_workdir, info)
     print(f"reward model from {rm_workdir} (step {step}, {info['tuning']}, {where})")
     return rm
 
@@ -185,10 +173,10 @@ def train_policy(*, workdir: str, prompts: D.Loaded, model: str = "tiny", dtype:
     if (reward_model is None) == (reward_fn is None):
         raise ValueError("train_policy needs exactly one of reward_model (an RM workdir) or reward_fn")
     # MODELS: one backbone for policy and anchor (and the reward model when it shares the base)
-    backbone, tokenizer = load_backbone(model, dtype)
+    # QLoRA: policy, anchor and a shared reward model read one quantised copy
+    backbone, tokenizer = load_backbone(model, dtype, quantize=tuning.quantize)
     backbone.remat = tuning.remat
-    if tuning.quantize is not None:  # QLoRA: policy, anchor and a shared reward model read one quantised copy
-        quant.quantize_projections(backbone, tuning.quantize)
+    if tuning.quantize is not None:
         print(f"[{adapter}] backbone projections stored {tuning.quantize}: {quant.projection_bytes(backbone)}")
     anchor = None
     if tuning.mode == "lora":

@@ -21,6 +21,7 @@ from flax import nnx
 from pe_rlhf import data as D
 from pe_rlhf.checkpoints.export import export_merged
 from pe_rlhf.checkpoints.load import load_backbone
+from pe_rlhf.checkpoints.orbax_io import RunCheckpointer
 from pe_rlhf.models import lora, quant
 from pe_rlhf.models.heads import RewardModel
 from pe_rlhf.train import metrics as M
@@ -29,7 +30,7 @@ from pe_rlhf.train.config import DataConfig, LoopConfig, TuningConfig  # noqa: F
 from pe_rlhf.train.loop import Job, train_loop
 from pe_rlhf.train.optim import OptimizerConfig, guard_nonfinite, make_optimizer
 from pe_rlhf.train.precision import master_weights
-from pe_rlhf.train.records import run_identity
+from pe_rlhf.train.records import lora_config_of, run_identity
 from pe_rlhf.train.sharded import sharded_train_step
 from pe_rlhf.train.supervised_losses import token_logprobs
 
@@ -66,6 +67,22 @@ def reward_model(backbone, tuning: TuningConfig, adapter: str) -> RewardModel:
     rm = RewardModel(backbone, adapters=(adapter,) if tuning.mode == "lora" else None)
     prepare(rm, backbone, tuning, adapter)
     return rm
+
+
+def restore_reward_model(backbone, workdir: str, info: dict) -> tuple[RewardModel, int]:
+    """(the reward model trained in `workdir`, its step): its adapter (LoRA) and head added to `backbone` and
+    restored from the latest checkpoint; `info` is the workdir's run record."""
+    adapter, cfg = info["adapter"], lora_config_of(info)
+    if cfg is not None:
+        lora.add_lora(backbone, adapter, cfg)
+    rm = RewardModel(backbone, adapters=(adapter,) if cfg is not None else None)
+    ckpt = RunCheckpointer(os.path.join(workdir, "checkpoints"))
+    try:
+        step = ckpt.restore_module(rm, trainable_filter(TuningConfig(mode=info["tuning"]), adapter),
+                                   what="reward-model")
+    finally:
+        ckpt.close()
+    return rm, step
 
 
 # -- the generic loop ---------------------------------------------------------------------------
