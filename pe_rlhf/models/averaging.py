@@ -39,7 +39,7 @@ def _check(model, names: Sequence[str]) -> list[tuple[tuple, lora.LoRALinear]]:
                                  f"{'.'.join(map(str, path))} lacks {missing}; only adapters with the same "
                                  "targets can be averaged")
         for n in present:
-            if getattr(m.lora[n], "magnitude", None) is not None:
+            if m.lora[n].dora:
                 raise lora.LoRAError(f"adapter {n!r} is a DoRA adapter: its update depends on the base weights "
                                      "through a column norm, so averaging it is not a LoRA update")
         merged = [n for n in present if n in m.merged]

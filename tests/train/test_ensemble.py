@@ -118,6 +118,14 @@ def test_adapters_on_different_projections_are_not_averaged():
         averaging.average_adapters(backbone, ["att", "mlp"], "avg")
 
 
+def test_dora_adapters_are_not_averaged():
+    backbone, _ = load_backbone("tiny")
+    lora.add_lora(backbone, "d0", lora.LoRAConfig(dora=True))
+    lora.add_lora(backbone, "d1", lora.LoRAConfig(dora=True))
+    with pytest.raises(lora.LoRAError, match="'d0' is a DoRA adapter"):
+        averaging.average_adapters(backbone, ["d0", "d1"], "avg")
+
+
 def test_scale_adapter_interpolates_the_update_exactly():
     backbone, _ = _members(["p"])
     base = {p + ("kernel",): m.kernel[...] for p, m in lora.lora_modules(backbone)}
