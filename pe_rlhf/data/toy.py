@@ -48,12 +48,23 @@ def _requests(seed: int, n: int):
         yield harmful, rng.choice(HARMFUL if harmful else BENIGN), rng.choice(OBJECTS)
 
 
-def preference_pairs(n: int = 512, seed: int = 0) -> Loaded:
+def preference_pairs(n: int = 512, seed: int = 0, label_noise: float = 0.0) -> Loaded:
+    """Pairs that prefer the rule's answer; `label_noise` of them (a seeded draw) swapped.
+
+    Swapped labels make a proxy reward model that a policy can over-optimise, as the 25% label
+    noise of Coste et al. 2023 (arXiv 2310.02743) does in the gold-reward setting of Gao et al.
+    """
+    if not 0.0 <= label_noise < 0.5:
+        raise ValueError(f"toy.preference_pairs: label_noise={label_noise!r}; use 0 <= label_noise < 0.5")
+    flip = random.Random(seed + 2000)
     examples = []
     for harmful, verb, obj in _requests(seed, n):
         good, bad = (REFUSAL, comply_text(verb, obj)) if harmful else (comply_text(verb, obj), REFUSAL)
+        if flip.random() < label_noise:
+            good, bad = bad, good
         examples.append(PreferenceExample(prompt_text(verb, obj), good, bad))
-    return Loaded(examples=tuple(examples), source=f"toy:harmless_pairs(n={n}, seed={seed})")
+    noise = f", label_noise={label_noise:g}" if label_noise else ""
+    return Loaded(examples=tuple(examples), source=f"toy:harmless_pairs(n={n}, seed={seed}{noise})")
 
 
 def sft_demonstrations(n: int = 512, seed: int = 1, right_fraction: float = 0.7) -> Loaded:

@@ -116,6 +116,22 @@ def policy_gold(model, tokenizer, prompts: Sequence[str], gold: Callable[[str, s
 
 
 # -- the study ---------------------------------------------------------------------------------------
+def toy_sft(sft_dir: str, *, model: str, examples: int, loop, data, learning_rate: float, seed: int
+            ) -> tuple[str, float]:
+    """The starting policy of the toy studies: `model` fully tuned on the toy demonstrations (a stage of
+    its own, skipped when done). Returns its export directory and the seconds of the call that made it."""
+    from pe_rlhf.train.optim import OptimizerConfig
+    from pe_rlhf.train.supervised import TuningConfig, train_sft
+
+    record = run_stage(
+        "sft", sft_dir, train_sft, outputs=("summary.json", "export/config.json", "export/model.safetensors"),
+        dataset=toy.sft_demonstrations(n=examples, seed=seed + 1), model=model, tuning=TuningConfig(mode="full"),
+        loop=loop, data=data, optimizer=OptimizerConfig(learning_rate=learning_rate,
+                                                        warmup_steps=min(20, loop.num_steps // 10),
+                                                        total_steps=loop.num_steps))
+    return os.path.join(sft_dir, "export"), record["seconds"]
+
+
 def run_gold_benchmark(workdir: str, cfg: GoldBenchmarkConfig = GoldBenchmarkConfig(),
                        gold: Callable[[str, str], float] = toy.gold_reward) -> dict:
     """Run (or resume) the study in `workdir`; writes gold_benchmark.json and gold_benchmark.md."""
@@ -123,7 +139,7 @@ def run_gold_benchmark(workdir: str, cfg: GoldBenchmarkConfig = GoldBenchmarkCon
     from pe_rlhf.train.optim import OptimizerConfig
     from pe_rlhf.train.policy import ALGORITHMS, RLConfig
     from pe_rlhf.train.rl_loop import train_policy
-    from pe_rlhf.train.supervised import DataConfig, LoopConfig, TuningConfig, train_reward_model, train_sft
+    from pe_rlhf.train.supervised import DataConfig, LoopConfig, TuningConfig, train_reward_model
 
     os.makedirs(workdir, exist_ok=True)
     lora_cfg = LoRAConfig(rank=cfg.lora_rank, alpha=cfg.lora_alpha)
@@ -141,14 +157,8 @@ def run_gold_benchmark(workdir: str, cfg: GoldBenchmarkConfig = GoldBenchmarkCon
 
     # SFT: the starting policy, fully tuned from the random tiny model
     sft_dir = os.path.join(workdir, "sft")
-    record = run_stage(
-        "sft", sft_dir, train_sft, outputs=("summary.json", "export/config.json", "export/model.safetensors"),
-        dataset=toy.sft_demonstrations(n=cfg.num_sft_examples, seed=cfg.seed + 1),
-        model=cfg.model, tuning=TuningConfig(mode="full"), loop=loop(cfg.sft_steps), data=data,
-        optimizer=OptimizerConfig(learning_rate=cfg.sft_lr, warmup_steps=min(20, cfg.sft_steps // 10),
-                                  total_steps=cfg.sft_steps))
-    seconds["sft"] = record["seconds"]
-    export = os.path.join(sft_dir, "export")
+    export, seconds["sft"] = toy_sft(sft_dir, model=cfg.model, examples=cfg.num_sft_examples, loop=loop(cfg.sft_steps),
+                                     data=data, learning_rate=cfg.sft_lr, seed=cfg.seed)
     model, tokenizer, _ = W.load_policy(sft_dir)
     sft_eval = policy_gold(model, tokenizer, prompts, gold, **measure)
 

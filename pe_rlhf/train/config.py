@@ -77,9 +77,14 @@ class DataConfig:
     # up to LoopConfig.batch_size items, as many as fit. None: one padded row per sequence.
     pack_length: int | None = None
     pack_rows: int = 1
+    # Reward models, SFT and DPO: train on this fraction of the training part, drawn with LoopConfig.seed
+    # (the held-out part is unchanged); the members of a reward ensemble (seeds seed + k) then each see
+    # their own subset. RL refuses a value below 1 (pass fewer prompts instead).
+    train_fraction: float = 1.0
 
     def __post_init__(self):
         check_fields(self, max_prompt_len=integer(ge=1), max_response_len=integer(ge=1),
                      padding=choice(*PADDING_SIDES), eval_size=either(number(gt=0, lt=1), integer(ge=1)),
                      split_seed=integer(ge=0), eos_id=optional(integer(ge=0)), drop_long_responses=boolean(),
-                     pack_length=optional(integer(ge=CHUNK, multiple_of=CHUNK)), pack_rows=integer(ge=1))
+                     pack_length=optional(integer(ge=CHUNK, multiple_of=CHUNK)), pack_rows=integer(ge=1),
+                     train_fraction=number(gt=0, le=1))

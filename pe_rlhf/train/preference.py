@@ -127,7 +127,7 @@ def train_dpo(*, workdir: str, dataset: D.Loaded, model: str = "tiny", dtype: st
 
     # PAIRS: tokenised as for reward models, split, batched in the RL layout
     tokenized, stats = D.tokenize_preferences(examples, tokenizer, _tokenize_options(data))
-    train_items, eval_items = _split(tokenized, data)
+    train_items, eval_items = _split(tokenized, data, loop)
     print(f"data {dataset.source}: {stats.summary()}; train {len(train_items)}, eval {len(eval_items)}")
     collate = functools.partial(batch_pairs, prompt_len=data.max_prompt_len, response_len=data.max_response_len,
                                 pad_id=_pad_id(tokenizer))

@@ -49,7 +49,7 @@ def _flat(d: dict, prefix: str = "") -> dict:
 
 # Identity keys added after identities were first recorded, with the value their absence stands for:
 # a workdir recorded before `LoRAConfig` had rsLoRA and DoRA trained plain LoRA, and resumes as such.
-ADDED_KEYS = {"lora.rslora": False, "lora.dora": False}
+ADDED_KEYS = {"lora.rslora": False, "lora.dora": False, "data.train_fraction": 1.0}
 
 
 def identity_differences(old: dict, new: dict) -> list[tuple[str, object, object]]:

@@ -172,6 +172,9 @@ def train_policy(*, workdir: str, prompts: D.Loaded, model: str = "tiny", dtype:
                     algorithm=rl.algorithm)
     if (reward_model is None) == (reward_fn is None):
         raise ValueError("train_policy needs exactly one of reward_model (an RM workdir) or reward_fn")
+    if data.train_fraction != 1.0:
+        raise ValueError(f"train_policy: DataConfig.train_fraction={data.train_fraction!r} subsets the pairs or "
+                         "demonstrations of supervised runs; RL trains on all its prompts (pass fewer to use fewer)")
     # MODELS: one backbone for policy and anchor (and the reward model when it shares the base)
     # QLoRA: policy, anchor and a shared reward model read one quantised copy
     backbone, tokenizer = load_backbone(model, dtype, quantize=tuning.quantize)

@@ -165,8 +165,15 @@ def _packed(data: DataConfig, loop: LoopConfig, pairwise: bool, pad_id: int, cen
     return batching, loss_fn, span
 
 
-def _split(examples, data: DataConfig, group=None):
-    return D.train_eval_split(list(examples), eval_size=data.eval_size, seed=data.split_seed, group=group)
+def _split(examples, data: DataConfig, loop: LoopConfig, group=None):
+    """The held-out part (`DataConfig.eval_size`, `split_seed`) and the training part, of which a run keeps
+    `DataConfig.train_fraction` (drawn with `LoopConfig.seed`, in the original order)."""
+    train, held = D.train_eval_split(list(examples), eval_size=data.eval_size, seed=data.split_seed, group=group)
+    if data.train_fraction < 1.0:
+        n = max(1, round(data.train_fraction * len(train)))
+        keep = np.sort(np.random.default_rng(loop.seed).permutation(len(train))[:n])
+        train = [train[i] for i in keep]
+    return train, held
 
 
 def _tokenize_options(data: DataConfig) -> D.TokenizeOptions:
@@ -262,12 +269,12 @@ def reward_data(dataset: D.Loaded, tokenizer, data: DataConfig, loop: LoopConfig
     if pairwise:
         tokenized, stats = D.tokenize_preferences(examples, tokenizer, options)
         collate = functools.partial(D.batch_preferences, seq_len=seq_len, pad_id=pad, padding=data.padding)
-        train_items, eval_items = _split(tokenized, data)
+        train_items, eval_items = _split(tokenized, data, loop)
         loss_fn = functools.partial(supervised_steps.pairwise_reward_loss, center_coef=center_coef)
     else:
         tokenized, stats = D.tokenize_labeled(examples, tokenizer, options)
         collate = functools.partial(D.batch_labeled, seq_len=seq_len, pad_id=pad, padding=data.padding)
-        train_items, eval_items = _split(tokenized, data, group=lambda e: e.prompt)
+        train_items, eval_items = _split(tokenized, data, loop, group=lambda e: e.prompt)
         loss_fn = supervised_steps.classification_reward_loss
     print(f"data {dataset.source}: {stats.summary()}; train {len(train_items)}, eval {len(eval_items)}")
     span, fits, eval_collate, eval_fits = None, None, collate, None
@@ -348,7 +355,7 @@ def train_sft(*, workdir: str, dataset: D.Loaded, model: str = "tiny", dtype: st
     tokenized, stats = D.tokenize_sft(examples, tokenizer, _tokenize_options(data))
     seq_len = data.max_prompt_len + data.max_response_len
     collate = functools.partial(D.batch_sft, seq_len=seq_len, pad_id=_pad_id(tokenizer), padding=data.padding)
-    train_items, eval_items = _split(tokenized, data)
+    train_items, eval_items = _split(tokenized, data, loop)
     print(f"data {dataset.source}: {stats.summary()}; train {len(train_items)}, eval {len(eval_items)}")
     train_iter = D.BatchIterator(train_items, loop.batch_size, collate, seed=loop.seed,
                                  process_index=jax.process_index(), process_count=jax.process_count())

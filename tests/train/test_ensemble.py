@@ -1,5 +1,6 @@
 """Reward ensembles on one backbone, WARM weight averaging, policy interpolation (numbers, tiny models)."""
 
+import dataclasses
 import json
 import os
 
@@ -198,3 +199,25 @@ def test_ensemble_job_members_warm_and_an_rl_run_against_them(tmp_path):
         attach_reward_model(backbone, tok, str(ens / "warm"), policy_model="tiny", dtype="float32",
                             rule=EnsembleRule("min"))
     assert os.path.isdir(tmp_path / "rl" / "checkpoints")
+
+
+def test_members_train_on_their_own_subsets_and_hold_out_the_same_pairs():
+    from pe_rlhf.train.supervised import reward_data
+
+    from pe_rlhf.data.examples import Loaded, PreferenceExample
+
+    _, tok = load_backbone("tiny")
+    pairs = Loaded(examples=tuple(PreferenceExample(f"Human: item {i}?\n\nAssistant:", " yes", " no")
+                                  for i in range(96)), source="distinct pairs")
+    data = DataConfig(max_prompt_len=40, max_response_len=32, eval_size=24, train_fraction=0.5)
+    parts = [reward_data(pairs, tok, data, LoopConfig(batch_size=8, seed=k)) for k in range(2)]
+    full = reward_data(pairs, tok, dataclasses.replace(data, train_fraction=1.0), LoopConfig(batch_size=8))
+    assert [len(p.train_items) for p in parts] == [36, 36] and len(full.train_items) == 72
+    assert all(p.eval_items == full.eval_items for p in parts)  # the held-out part is unchanged
+    index = [[full.train_items.index(x) for x in p.train_items] for p in parts]
+    assert all(i == sorted(i) for i in index)  # a subset in the original order
+    assert index[0] != index[1]  # members (seeds 0, 1) draw different subsets
+    assert reward_data(pairs, tok, data, LoopConfig(batch_size=8, seed=0)).train_items == parts[0].train_items
+    with pytest.raises(ValueError, match="train_fraction"):
+        DataConfig(train_fraction=0.0)
+

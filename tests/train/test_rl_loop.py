@@ -107,6 +107,13 @@ def test_reward_model_workdir_must_exist(tmp_path):
         attach_reward_model(backbone, tok, str(tmp_path), policy_model="tiny", dtype="float32")
 
 
+def test_a_training_fraction_is_refused_before_anything_is_written(tmp_path):
+    with pytest.raises(ValueError, match="DataConfig.train_fraction=0.5"):
+        train_policy(workdir=str(tmp_path / "rl"), prompts=toy.prompts(8), reward_fn=refusal_reward(),
+                     data=DataConfig(train_fraction=0.5))
+    assert not (tmp_path / "rl").exists()
+
+
 def test_quickstart_pipeline_smoke(tmp_path):
     """The README's first command, shortened: every stage runs and the table's numbers are sane."""
     short = ["sft/LoopConfig.num_steps=120", "rm/LoopConfig.num_steps=60", "rl/LoopConfig.num_steps=4",

@@ -1,0 +1,68 @@
+"""Over-optimisation study: its measures against hand computation, the noisy pairs, member subsets."""
+
+import json
+
+import numpy as np
+import pytest
+
+from pe_rlhf.data import toy
+from pe_rlhf.eval.overopt import OveroptConfig, curve, markdown, mean_interval, read_run, summarise
+
+
+def test_label_noise_swaps_a_seeded_fraction_and_zero_is_the_clean_set():
+    clean = toy.preference_pairs(n=400, seed=3)
+    noisy = toy.preference_pairs(n=400, seed=3, label_noise=0.25)
+    assert clean == toy.preference_pairs(n=400, seed=3, label_noise=0.0)
+    assert noisy == toy.preference_pairs(n=400, seed=3, label_noise=0.25)  # seeded
+    swapped = [(a.prompt, a.chosen, a.rejected) == (b.prompt, b.rejected, b.chosen)
+               for a, b in zip(clean.examples, noisy.examples)]
+    kept = [a == b for a, b in zip(clean.examples, noisy.examples)]
+    assert all(s != k for s, k in zip(swapped, kept))  # every pair is either kept or swapped
+    assert 0.2 <= np.mean(swapped) <= 0.3
+    # the gold rule prefers the clean set's chosen answer every time, and the swapped ones' rejected
+    for ex, s in zip(noisy.examples, swapped):
+        assert toy.gold_reward(ex.prompt, ex.chosen) == (0.0 if s else 1.0)
+    with pytest.raises(ValueError, match="label_noise=0.5"):
+        toy.preference_pairs(n=4, label_noise=0.5)
+
+
+def test_curve_by_hand():
+    gold = lambda p, r: float(r == "good")  # noqa: E731
+    samples = {0: [{"prompt": "p", "response": "good", "reward": 1.0}, {"prompt": "p", "response": "bad", "reward": 0.0}],
+               10: [{"prompt": "p", "response": "good", "reward": 3.0}] * 3 + [{"prompt": "p", "response": "x",
+                                                                                  "reward": 5.0}]}
+    kl = [(5, 0.2), (10, 0.4), (15, 9.0)]
+    points = curve(samples, kl, gold, eval_every=10)
+    assert points == [{"step": 0, "gold": 0.5, "proxy": 0.5, "kl": 0.0},
+                      {"step": 10, "gold": 0.75, "proxy": 3.5, "kl": pytest.approx(0.3)}]
+
+
+def test_mean_interval_and_summary_by_hand():
+    m = mean_interval([0.5, 0.7, 0.9])
+    half = 4.303 * 0.2 / np.sqrt(3)  # t(0.975, 2) * sample std / sqrt(n)
+    assert m["mean"] == pytest.approx(0.7) and m["low"] == pytest.approx(0.7 - half)
+    assert np.isnan(mean_interval([0.4])["low"])
+    curves = {"single": {0: [{"step": 0, "gold": 0.6, "proxy": 0.0, "kl": 0.0},
+                             {"step": 10, "gold": 0.9, "proxy": 1.0, "kl": 1.0},
+                             {"step": 20, "gold": 0.5, "proxy": 2.0, "kl": 3.0}],
+                         1: [{"step": 0, "gold": 0.6, "proxy": 0.0, "kl": 0.0},
+                             {"step": 10, "gold": 0.7, "proxy": 1.0, "kl": 2.0},
+                             {"step": 20, "gold": 0.8, "proxy": 2.0, "kl": 4.0}]}}
+    s = summarise(curves)["single"]
+    assert s["best_gold"]["mean"] == pytest.approx(0.85) and s["kl_at_best_gold"]["mean"] == pytest.approx(2.5)
+    assert s["final_gold"]["mean"] == pytest.approx(0.65) and s["final_kl"]["mean"] == pytest.approx(3.5)
+    assert s["drop_from_best"]["mean"] == pytest.approx(0.2)
+    assert "| single | 0.850 [" in markdown({"summary": {"single": s}})
+
+
+def test_read_run(tmp_path):
+    (tmp_path / "samples_0.jsonl").write_text(json.dumps({"prompt": "p", "response": "r", "reward": 1.0}) + "\n")
+    (tmp_path / "samples_20.jsonl").write_text("")
+    (tmp_path / "metrics.jsonl").write_text('{"step": 5, "train/kl": 0.5}\n{"step": 5, "eval/reward": 1}\n')
+    samples, kl = read_run(str(tmp_path))
+    assert sorted(samples) == [0, 20] and samples[0][0]["reward"] == 1.0 and kl == [(5, 0.5)]
+
+
+def test_config_names_a_bad_line():
+    with pytest.raises(ValueError, match="'best'"):
+        OveroptConfig(lines=("single", "best"))
