@@ -135,6 +135,51 @@ def read_run(rl_dir: str) -> tuple[dict[int, list[dict]], list[tuple[int, float]
     return samples, kl
 
 
+# -- WARP's interpolation of a trained policy towards its start -----------------------------------------
+def interpolation(rl_dir: str, start: str, reward_model: str, gold, *, etas=(1.0, 0.75, 0.5, 0.25, 0.0),
+                  samples: int = 8, max_prompt_len: int = 48, max_new_tokens: int = 40, seed: int = 0) -> list[dict]:
+    """Gold rate, proxy reward and KL to the start of the LoRA policy in `rl_dir` scaled by each eta.
+
+    eta scales the policy adapter's update (`models.averaging.scale_adapter`: 1 the trained policy, 0 its
+    start); each point samples `samples` responses (T=1) per held-out prompt of the run
+    (`eval_prompts.jsonl`). KL(policy_eta || start) is the mean of log p_eta(y|x) - log p_start(y|x) over
+    those samples (unbiased). `reward_model` is the reward-model workdir the proxy reward is read from.
+    """
+    from pe_rlhf.data import read_prompts_jsonl
+    from pe_rlhf.eval import judge as J
+    from pe_rlhf.eval import winrate as W
+    from pe_rlhf.eval.experiment import EvalConfig, sequence_logprobs
+    from pe_rlhf.models.averaging import scale_adapter
+    from pe_rlhf.models.lora import merged_model
+    from pe_rlhf.train.records import read_run_info
+    from pe_rlhf.train.rl_loop import EVAL_PROMPTS
+
+    info = read_run_info(rl_dir)
+    if info is None or info.get("stage") != "rl" or info.get("tuning") != "lora":
+        raise ValueError(f"{rl_dir}: not a LoRA RL workdir; only a LoRA policy interpolates to its start")
+    prompts = [p.prompt for p in read_prompts_jsonl(os.path.join(rl_dir, EVAL_PROMPTS)).examples]
+    backbone, tokenizer, _ = W.restore_rl_policy(rl_dir, info, merged=False)
+    base, _, _ = W.load_policy(start)
+    rm, rm_tok, _ = W.load_reward_model(reward_model)
+    proxy = J.reward_model_scorer(rm, rm_tok)
+    cfg = EvalConfig(max_prompt_len=max_prompt_len, max_new_tokens=max_new_tokens, batch_size=64, seed=seed)
+    points, current = [], 1.0
+    for eta in sorted(etas, reverse=True):  # scale down step by step: 1 -> 0.75 -> ... -> 0
+        if eta != current:
+            scale_adapter(backbone, info["adapter"], eta / current)
+            current = eta
+        policy = merged_model(backbone, info["adapter"])
+        rows = [(p, g) for p, gs in zip(prompts, W.generate_responses(policy, tokenizer, prompts,
+                                                                       cfg.generation(temperature=1.0),
+                                                                       num_samples=samples)) for g in gs]
+        ps, gs = [p for p, _ in rows], [g for _, g in rows]
+        kl = (sequence_logprobs(policy, tokenizer, ps, [g.tokens for g in gs], cfg)
+              - sequence_logprobs(base, tokenizer, ps, [g.tokens for g in gs], cfg))
+        points.append({"eta": eta, "gold": float(np.mean([gold(p, g.text) for p, g in rows])),
+                       "proxy": float(np.mean(proxy(ps, [g.text for g in gs]))), "kl": float(kl.mean())})
+    return points
+
+
 # -- the study ---------------------------------------------------------------------------------------
 def run_overoptimisation(workdir: str, cfg: OveroptConfig = OveroptConfig(), gold=toy.gold_reward) -> dict:
     """Run (or resume) the study in `workdir`; writes overoptimisation.json and returns it."""
@@ -185,7 +230,21 @@ def run_overoptimisation(workdir: str, cfg: OveroptConfig = OveroptConfig(), gol
                       eval_temperature=1.0, eval_samples=cfg.eval_samples)
             curves[line][seed] = curve(*read_run(rl_dir), gold=gold, eval_every=cfg.eval_every)
 
+    # WARP: the single-RM policy interpolated towards its start, after training
+    warp = {}
+    if "single" in cfg.lines:
+        for seed in cfg.seeds:
+            path = os.path.join(workdir, f"seed{seed}", "interpolation.json")
+            if not os.path.exists(path):
+                write_json_atomic(path, interpolation(
+                    os.path.join(workdir, f"seed{seed}", "single"), export,
+                    os.path.join(workdir, f"seed{seed}", "rm", "members", "0"), gold, samples=cfg.eval_samples,
+                    max_prompt_len=cfg.max_prompt_len, max_new_tokens=cfg.max_response_len, seed=seed))
+            with open(path) as f:
+                warp[str(seed)] = json.load(f)
+
     result = {"config": dataclasses.asdict(cfg), "reward_models": {str(s): v for s, v in reward_models.items()},
+              "interpolation": warp,
               "curves": {line: {str(s): c for s, c in by_seed.items()} for line, by_seed in curves.items()},
               "summary": summarise(curves)}
     write_json_atomic(os.path.join(workdir, "overoptimisation.json"), result)
@@ -204,5 +263,5 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-__all__ = ["LINES", "OveroptConfig", "curve", "markdown", "mean_interval", "read_run", "run_overoptimisation",
-           "summarise"]
+__all__ = ["LINES", "OveroptConfig", "curve", "interpolation", "markdown", "mean_interval", "read_run",
+           "run_overoptimisation", "summarise"]
