@@ -19,6 +19,11 @@ compute copy, cast inside the step, as `train.precision` lays them out for train
   tuned policy, a SEPARATE frozen anchor (reference) and reward model, and for
   PPO a separate fully tuned value model. What trains is `train.rl_loop.rl_trainable_filter`'s.
 
+Both take `quantize` (int8 | int4 | nf4: the FROZEN decoder projections stored in that format,
+`models.quant`, quantised inside `nnx.eval_shape` so nothing is allocated; the LoRA backbone, or full RL's
+anchor and reward model; a fully tuned RM has nothing frozen and refuses it) and `attention_impl`
+(`ModelConfig.attention_impl`, e.g. "mosaic_tpu" for the splash kernel); a step's name carries both.
+
 `compile_step(spec, mesh=..., topology=...)` compiles it for local devices or,
 ahead of time, for a TPU slice, its arguments placed as training places them
 (`train.sharded.step_shardings`); `measure_step` returns a `StepReport` (per-device
