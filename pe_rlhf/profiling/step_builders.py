@@ -19,6 +19,11 @@ compute copy, cast inside the step, as `train.precision` lays them out for train
   tuned policy, a SEPARATE frozen anchor (reference) and reward model, and for
   PPO a separate fully tuned value model. What trains is `train.rl_loop.rl_trainable_filter`'s.
 
+Both take `quantize` (int8 | int4 | nf4: the FROZEN decoder projections stored in that format,
+`models.quant`, quantised inside `nnx.eval_shape` so nothing is allocated; the LoRA backbone, or full RL's
+anchor and reward model; a fully tuned RM has nothing frozen and refuses it) and `attention_impl`
+(`ModelConfig.attention_impl`, e.g. "mosaic_tpu" for the splash kernel); a step's name carries both.
+
 `compile_step(spec, mesh=..., topology=...)` compiles it for local devices or,
 ahead of time, for a TPU slice, its arguments placed as training places them
 (`train.sharded.step_shardings`); `measure_step` returns a `StepReport` (per-device
@@ -41,7 +46,8 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import Mesh
 
-from pe_rlhf.models import lora
+from pe_rlhf.models import lora, quant
+from pe_rlhf.models.attention import FUSED_IMPLS
 from pe_rlhf.models.config import ModelConfig
 from pe_rlhf.models.heads import RewardModel
 from pe_rlhf.models.transformer import Transformer
@@ -106,8 +112,39 @@ def tree_bytes(tree) -> int:
     return total
 
 
-def _transformer(cfg: ModelConfig, dtype, seed: int, remat: bool) -> Transformer:
-    return Transformer(cfg, dtype=dtype, rngs=nnx.Rngs(seed), remat=remat)
+def _transformer(cfg: ModelConfig, dtype, seed: int, remat: bool, quantize: str | None = None) -> Transformer:
+    model = Transformer(cfg, dtype=dtype, rngs=nnx.Rngs(seed), remat=remat)
+    if quantize is not None:
+        quant.quantize_projections(model, quantize)
+    return model
+
+
+def _options(where: str, cfg: ModelConfig, tuning: TuningConfig, quantize: str | None,
+             attention_impl: str | None, *, frozen_models: bool) -> tuple[ModelConfig, TuningConfig, str | None]:
+    """(cfg with `attention_impl` set, tuning, the frozen weights' format) after checking `quantize`.
+
+    `quantize` is the storage of FROZEN projections: the LoRA backbone's or, with `frozen_models` (full RL),
+    the anchor's and reward model's. Fully tuned weights train in fp32, so a full step without frozen
+    models (the RM) refuses it; so does a `tuning.quantize` that names another format.
+    """
+    if quantize is not None and quantize not in quant.FORMATS:
+        raise ValueError(f"{where}: quantize={quantize!r}; choose None or one of {', '.join(quant.FORMATS)}")
+    if tuning.quantize is not None and quantize not in (None, tuning.quantize):
+        raise ValueError(f"{where}: quantize={quantize!r} but tuning.quantize={tuning.quantize!r}; give one")
+    fmt = quantize or tuning.quantize
+    if fmt is not None and tuning.mode == "full" and not frozen_models:
+        raise ValueError(f"{where}: quantize={fmt!r} with tuning mode 'full': every weight of this model trains "
+                         "(fp32 masters), and trainable weights cannot be stored quantised. Use a LoRA tuning "
+                         "(QLoRA) or quantize=None")
+    if attention_impl is not None:
+        cfg = dataclasses.replace(cfg, attention_impl=attention_impl)  # ModelConfig checks the name
+    return cfg, dataclasses.replace(tuning, quantize=None), fmt
+
+
+def _variant(cfg: ModelConfig, quantize: str | None) -> str:
+    """'' by default; ' nf4', ' mosaic_tpu', ' nf4 mosaic_tpu': how a step's name gives the frozen format and
+    a fused attention kernel."""
+    return (f" {quantize}" if quantize else "") + (f" {cfg.attention_impl}" if cfg.attention_impl != "auto" else "")
 
 
 def _compute_copy_bytes(trainable, precision: Precision) -> dict[str, int]:
@@ -117,14 +154,23 @@ def _compute_copy_bytes(trainable, precision: Precision) -> dict[str, int]:
 
 # -- builders ---------------------------------------------------------------------------------
 def build_rm_step(cfg: ModelConfig, tuning: TuningConfig = TuningConfig(), *, pairs: int, seq_len: int,
-                  frozen_dtype: str = "float32", optimizer: OptimizerConfig = OptimizerConfig()) -> StepSpec:
+                  frozen_dtype: str = "float32", optimizer: OptimizerConfig = OptimizerConfig(),
+                  quantize: str | None = None, attention_impl: str | None = None) -> StepSpec:
     """The Bradley-Terry step on `pairs` x `seq_len`: LoRA adapter + head train, or every parameter.
 
     The model is built in `frozen_dtype`: in LoRA mode the frozen backbone; fully tuned, the compute copy of
     fp32 master weights (a float32 full RM is fp32 throughout), as `train_reward_model` trains it.
+    `quantize` (int8 | int4 | nf4; or `tuning.quantize`) stores the LoRA backbone's projections in that
+    format (`models.quant`); a fully tuned RM refuses it. `attention_impl` replaces `cfg.attention_impl`.
     """
     dtype = _frozen(frozen_dtype)
-    model = nnx.eval_shape(lambda: reward_model(Transformer(cfg, dtype=dtype, rngs=nnx.Rngs(0)), tuning, "reward"))
+    cfg, tuning, fmt = _options("build_rm_step", cfg, tuning, quantize, attention_impl, frozen_models=False)
+
+    def build():
+        backbone = _transformer(cfg, dtype, 0, False, fmt)
+        return reward_model(backbone, tuning, "reward")
+
+    model = nnx.eval_shape(build)
     graphdef, trainable, frozen = nnx.split(model, trainable_filter(tuning, "reward"), ...)
     trainable, precision = master_weights(trainable)
     tx = make_optimizer(optimizer)
@@ -138,28 +184,34 @@ def build_rm_step(cfg: ModelConfig, tuning: TuningConfig = TuningConfig(), *, pa
                                            loss_fn=supervised_steps.pairwise_reward_loss, precision=precision)
 
     rows = 2 * pairs
+    fused = cfg.attention_impl in FUSED_IMPLS  # no [rows, N, T, T] probabilities are stored
     estimates = {"hidden_per_layer": rows * seq_len * cfg.hidden_size * 4,
-                 "attention_probs_per_layer": rows * cfg.num_heads * seq_len * seq_len * 4,
+                 **({} if fused else {"attention_probs_per_layer": rows * cfg.num_heads * seq_len * seq_len * 4}),
                  **_compute_copy_bytes(trainable, precision)}
-    return StepSpec(f"rm/{tuning_label(tuning)}", step, (trainable, opt_state, frozen, batch),
+    return StepSpec(f"rm/{tuning_label(tuning)}{_variant(cfg, fmt)}", step, (trainable, opt_state, frozen, batch),
                     ("trainable", "opt_state", "frozen", "batch"), (0, 1), cfg.vocab_size, estimates, (BATCH,))
 
 
 def build_rl_step(cfg: ModelConfig, tuning: TuningConfig = TuningConfig(), *, algorithm: str = "remax",
                   prompts: int, prompt_len: int, new_tokens: int, ppo_epochs: int = 4, frozen_dtype: str = "float32",
-                  optimizer: OptimizerConfig = OptimizerConfig()) -> StepSpec:
+                  optimizer: OptimizerConfig = OptimizerConfig(), quantize: str | None = None,
+                  attention_impl: str | None = None) -> StepSpec:
     """One RL update (reinforce | remax | ppo) on `prompts` x `prompt_len` + `new_tokens` sampled tokens.
 
     The shared backbone (LoRA), or the anchor and reward model (full), are `frozen_dtype`; what trains is float32:
     adapters and heads, or (full) the policy's and value model's fp32 master weights of a `frozen_dtype` copy.
+    `quantize` (int8 | int4 | nf4) stores the frozen projections in that format: the shared backbone's (LoRA),
+    or the anchor's and reward model's (full; the policy and value model train dense). `attention_impl`
+    replaces `cfg.attention_impl` (the sampler's cached decoding always runs the XLA path).
     """
     if algorithm not in RL_ALGORITHMS:
         raise ValueError(f"build_rl_step: algorithm={algorithm!r}; choose one of {', '.join(RL_ALGORITHMS)}")
     ppo = algorithm == "ppo"
     frozen_dtype = _frozen(frozen_dtype)
+    cfg, tuning, fmt = _options("build_rl_step", cfg, tuning, quantize, attention_impl, frozen_models=True)
 
     def build_pe():
-        backbone = _transformer(cfg, frozen_dtype, 0, tuning.remat)
+        backbone = _transformer(cfg, frozen_dtype, 0, tuning.remat, fmt)
         for name in ("policy", "reward") + (("value",) if ppo else ()):
             lora.add_lora(backbone, name, tuning.lora)
         value = RewardModel(backbone, adapters=("value",)) if ppo else None
@@ -167,10 +219,10 @@ def build_rl_step(cfg: ModelConfig, tuning: TuningConfig = TuningConfig(), *, al
                          reward=RewardModel(backbone, adapters=("reward",)), value=value)
 
     def build_full():
-        model = lambda dtype, seed: _transformer(cfg, dtype, seed, tuning.remat)
-        value = RewardModel(model(frozen_dtype, 3)) if ppo else None
-        return RLModules(model(frozen_dtype, 0), policy_adapters=(), anchor=model(frozen_dtype, 1),
-                         reward=RewardModel(model(frozen_dtype, 2)), value=value)
+        model = lambda seed, fmt=None: _transformer(cfg, frozen_dtype, seed, tuning.remat, fmt)
+        value = RewardModel(model(3)) if ppo else None  # policy and value train: dense
+        return RLModules(model(0), policy_adapters=(), anchor=model(1, fmt), reward=RewardModel(model(2, fmt)),
+                         value=value)
 
     rl_cfg = RLConfig(algorithm=algorithm, max_new_tokens=new_tokens, ppo_epochs=ppo_epochs)
     modules = nnx.eval_shape(build_pe if tuning.mode == "lora" else build_full)
@@ -193,7 +245,8 @@ def build_rl_step(cfg: ModelConfig, tuning: TuningConfig = TuningConfig(), *, al
         "response_logits": rows * new_tokens * cfg.vocab_size * 4,  # one [rows, N, V] float32 block
         "kv_cache": 2 * cfg.num_layers * rows * length * cfg.num_kv_heads * cfg.head_dim * compute_itemsize,
     }
-    return StepSpec(f"{algorithm}/{tuning_label(tuning)}", step, (trainable, opt_state, frozen, rl_state, batch, rng),
+    return StepSpec(f"{algorithm}/{tuning_label(tuning)}{_variant(cfg, fmt)}", step,
+                    (trainable, opt_state, frozen, rl_state, batch, rng),
                     ("trainable", "opt_state", "frozen", "rl_state", "batch", "rng"), (0, 1), cfg.vocab_size,
                     estimates, (REPLICATED, BATCH, REPLICATED))
 

@@ -42,15 +42,16 @@ def test_outputs_parse_and_lora_is_below_full(grid):
     assert rows[("rm", "full")]["arg_bytes"]["trainable"] == (512 * 64 + 2 * per_layer + 64 + 65) * 4
 
     ratios = {r["comparison"]: r for r in results["ratios"]}
-    rm_ratio = ratios["RM lora-r4 / RM full"]
+    rm_ratio = ratios["RM lora-r4 xla / RM full xla"]
     assert rm_ratio["memory"] == pytest.approx(rows[("rm", "lora-r4")]["peak_bytes"] / rows[("rm", "full")]["peak_bytes"])
     assert rm_ratio["memory"] < 1
     assert rm_ratio["speedup"] == pytest.approx(rows[("rm", "full")]["median_step_s"]
                                                 / rows[("rm", "lora-r4")]["median_step_s"])
-    remax_ppo = ratios["ReMax lora-r4 / PPO lora-r4"]
+    remax_ppo = ratios["ReMax lora-r4 xla / PPO lora-r4 xla"]
     assert remax_ppo["memory"] == pytest.approx(rows[("remax", "lora-r4")]["peak_bytes"]
                                                 / rows[("ppo", "lora-r4")]["peak_bytes"])
-    assert "RM lora-r4 / RM full" in stdout and "ReMax lora-r4 / PPO lora-r4" in stdout  # printed side by side
+    assert "RM lora-r4 xla / RM full xla" in stdout and "ReMax lora-r4 xla / PPO lora-r4 xla" in stdout
+    assert all(r["quantize"] == "none" and r["attention"] == "xla" for r in rows.values())  # 'auto' on a CPU
 
 
 def test_table_plots_and_resume(grid):
@@ -95,3 +96,31 @@ def test_remat_rows_pair_with_the_remat_baseline_and_reports_reread_without_comp
     proc = subprocess.run([*base[:-4], "--rm-len", "32", "--out", str(tmp_path), "--tunings", "full", "--remat"],
                           capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode != 0 and "give another --out" in proc.stderr
+
+
+def test_quantised_rows_are_compared_with_the_unquantised_full_baseline(tmp_path):
+    """--quantize none nf4: the full RM is measured unquantised only; both LoRA rows are over that one row."""
+    cmd = [sys.executable, SCRIPT, "--local", "--preset-override", "tiny", "--presets", "gemma3-270m", "--stages", "rm",
+           "--tunings", "full", "lora4", "--frozen-dtype", "bfloat16", "--quantize", "none", "nf4",
+           "--attention", "xla", "--rm-pairs", "2", "--rm-len", "16", "--out", str(tmp_path)]
+    env = dict(os.environ, JAX_PLATFORMS="cpu", MPLBACKEND="Agg")
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.load(open(tmp_path / "results.json"))
+    rows = {(r["tuning"], r["quantize"]): r for r in results["rows"]}
+    assert set(rows) == {("full", "none"), ("lora-r4", "none"), ("lora-r4", "nf4")}
+    assert all(r["attention"] == "xla" for r in rows.values())
+    # the tiny gemma3's decoder projections per layer (q/o 64x64, k/v 64x32, gate/up 64x128, down 128x64):
+    # bf16 dense against nf4 (half a byte each, one bf16 scale per 64 inputs per output column)
+    weights = 2 * (2 * 64 * 64 + 2 * 64 * 32 + 3 * 64 * 128)
+    scales = 2 * ((64 + 32 + 32 + 64 + 128 + 128) + 2 * 64)
+    frozen = {q: rows[("lora-r4", q)]["arg_bytes"]["frozen"] for q in ("none", "nf4")}
+    assert frozen["none"] - frozen["nf4"] == weights * 2 - (weights // 2 + scales * 2)
+    ratios = {r["comparison"]: r["memory"] for r in results["ratios"]}
+    full = rows[("full", "none")]["peak_bytes"]
+    assert ratios["RM lora-r4 bf16 nf4 xla / RM full bf16 xla"] == pytest.approx(rows[("lora-r4", "nf4")]["peak_bytes"]
+                                                                                 / full)
+    assert ratios["RM lora-r4 bf16 xla / RM full bf16 xla"] == pytest.approx(rows[("lora-r4", "none")]["peak_bytes"]
+                                                                             / full)
+    table = (tmp_path / "table.md").read_text()
+    assert "| quantize | attention |" in table and "unquantised, XLA attention" in table
