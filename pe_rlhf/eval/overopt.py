@@ -95,10 +95,10 @@ def curve(samples_by_step: dict[int, list[dict]], kl_rows: list[tuple[int, float
 
 
 def mean_interval(values) -> dict:
-    """Mean and a 95% t-interval over seeds (no interval from one value)."""
+    """Mean and a 95% t-interval over seeds (low and high None from one value)."""
     v = np.asarray(values, float)
     if len(v) < 2:
-        return {"mean": float(v.mean()), "low": float("nan"), "high": float("nan"), "n": len(v)}
+        return {"mean": float(v.mean()), "low": None, "high": None, "n": len(v)}
     half = T_975.get(len(v) - 1, 1.96) * v.std(ddof=1) / np.sqrt(len(v))
     return {"mean": float(v.mean()), "low": float(v.mean() - half), "high": float(v.mean() + half), "n": len(v)}
 
@@ -195,7 +195,9 @@ def run_overoptimisation(workdir: str, cfg: OveroptConfig = OveroptConfig(), gol
     lora_tuning = TuningConfig(mode="lora", lora=LoRAConfig(rank=cfg.lora_rank, alpha=cfg.lora_alpha))
 
     def loop(steps, seed, eval_every=0):
-        return LoopConfig(num_steps=steps, batch_size=cfg.batch_size, eval_every=eval_every, log_every=5,
+        # log at least once per evaluation interval: each point's KL is the mean of what was logged in it
+        return LoopConfig(num_steps=steps, batch_size=cfg.batch_size, eval_every=eval_every,
+                          log_every=min(5, eval_every) if eval_every else 5,
                           checkpoint_every=steps, seed=seed, progress_bar=False)
 
     data = DataConfig(max_prompt_len=cfg.max_prompt_len, max_response_len=cfg.max_response_len, eval_size=64)
@@ -254,7 +256,7 @@ def run_overoptimisation(workdir: str, cfg: OveroptConfig = OveroptConfig(), gol
 def markdown(result: dict) -> str:
     """The per-line summary table of a result."""
     def ci(d):
-        return f"{d['mean']:.3f}" if np.isnan(d["low"]) else f"{d['mean']:.3f} [{d['low']:.3f}, {d['high']:.3f}]"
+        return f"{d['mean']:.3f}" if d["low"] is None else f"{d['mean']:.3f} [{d['low']:.3f}, {d['high']:.3f}]"
 
     lines = ["| reward | best gold | KL at best | final gold | final KL | drop from best |", "|---|---|---|---|---|---|"]
     for line, s in result["summary"].items():

@@ -41,7 +41,7 @@ def test_mean_interval_and_summary_by_hand():
     m = mean_interval([0.5, 0.7, 0.9])
     half = 4.303 * 0.2 / np.sqrt(3)  # t(0.975, 2) * sample std / sqrt(n)
     assert m["mean"] == pytest.approx(0.7) and m["low"] == pytest.approx(0.7 - half)
-    assert np.isnan(mean_interval([0.4])["low"])
+    assert mean_interval([0.4])["low"] is None
     curves = {"single": {0: [{"step": 0, "gold": 0.6, "proxy": 0.0, "kl": 0.0},
                              {"step": 10, "gold": 0.9, "proxy": 1.0, "kl": 1.0},
                              {"step": 20, "gold": 0.5, "proxy": 2.0, "kl": 3.0}],
@@ -66,3 +66,23 @@ def test_read_run(tmp_path):
 def test_config_names_a_bad_line():
     with pytest.raises(ValueError, match="'best'"):
         OveroptConfig(lines=("single", "best"))
+
+
+def test_the_study_end_to_end_on_the_tiny_model(tmp_path):
+    from pe_rlhf.eval.overopt import run_overoptimisation
+
+    cfg = OveroptConfig(num_sft_examples=128, sft_steps=4, num_pairs=48, members=2, rm_steps=2, lines=("single", "min"),
+                        num_rl_prompts=64, rl_steps=4, eval_every=2, eval_samples=2, batch_size=8, max_response_len=12,
+                        seeds=(0,))
+    result = run_overoptimisation(str(tmp_path), cfg)
+    for line in cfg.lines:
+        points = result["curves"][line]["0"]
+        assert [p["step"] for p in points] == [0, 2, 4] and points[0]["kl"] == 0.0
+        assert all(0.0 <= p["gold"] <= 1.0 for p in points)
+    assert set(result["summary"]) == set(cfg.lines)
+    warp = {p["eta"]: p for p in result["interpolation"]["0"]}
+    assert sorted(warp) == [0.0, 0.25, 0.5, 0.75, 1.0]
+    assert warp[0.0]["kl"] == 0.0  # eta 0 is the start itself: the same samples, the same log-probs
+    assert json.loads((tmp_path / "overoptimisation.json").read_text())["summary"] == result["summary"]
+    # a rerun reuses every stage and the interpolation
+    assert run_overoptimisation(str(tmp_path), cfg)["curves"] == result["curves"]
