@@ -194,12 +194,13 @@ def evaluate_policy(*, workdir: str, name: str, policy: str, prompts: Sequence[s
     return summary
 
 
-def judged_curve(rl_dir: str, scorers: Scorers) -> list[dict]:
-    """The judge's reward of the RL run's in-training evaluations, against the KL of training then.
+def eval_curve(rl_dir: str, scorers: dict[str, Callable]) -> list[dict]:
+    """An RL run's in-training evaluations, each scored by `scorers`, against the KL of training then.
 
-    `samples_<step>.jsonl` hold greedy responses to the run's own held-out prompts with the proxy's
-    reward; the KL is the training rollouts' mean KL to the anchor (nats per response) over the
-    logged steps up to that one since the previous evaluation.
+    `samples_<step>.jsonl` hold the responses to the run's own held-out prompts with the proxy's reward;
+    each point has its step, the proxy's mean reward, the mean of each `scorers[name](prompts, responses)`
+    under `name`, and the KL: the training rollouts' mean KL to the anchor (nats per response) over the
+    logged steps since the previous evaluation (0 where none was logged, as at the start).
     """
     metrics = [json.loads(line) for line in open(os.path.join(rl_dir, "metrics.jsonl"))]
     kl_by_step = {}
@@ -211,10 +212,11 @@ def judged_curve(rl_dir: str, scorers: Scorers) -> list[dict]:
     curve, prev = [], 0
     for step in steps:
         rows = [json.loads(line) for line in open(os.path.join(rl_dir, f"samples_{step}.jsonl"))]
-        judge = scorers.judge([r["prompt"] for r in rows], [r["response"] for r in rows])
+        prompts, responses = [r["prompt"] for r in rows], [r["response"] for r in rows]
         window = [v for s, v in kl_by_step.items() if prev < s <= step]
         curve.append({"step": step, "proxy": float(np.mean([r["reward"] for r in rows])),
-                      "judge": float(judge.mean()), "kl": float(np.mean(window)) if window else 0.0})
+                      **{name: float(np.mean(score(prompts, responses))) for name, score in scorers.items()},
+                      "kl": float(np.mean(window)) if window else 0.0})
         prev = step
     return curve
 
@@ -280,7 +282,7 @@ def rlhf_experiment(*, workdir: str, model: str, held_out: D.Loaded, sft_job: Ca
             summary = evaluate_policy(workdir=workdir, name=line, policy=d("rl", line), prompts=prompts,
                                       scorers=get_scorers(), cfg=evaluation, baseline=baseline,
                                       baseline_model=sft_model)
-            curve = judged_curve(d("rl", line), get_scorers())
+            curve = eval_curve(d("rl", line), {"judge": get_scorers().judge})
             write_json_atomic(os.path.join(workdir, "curve.json"), curve)
             return summary
 

@@ -20,10 +20,8 @@ per line, the best and the final gold rate over seeds with 95% intervals.
 from __future__ import annotations
 
 import dataclasses
-import glob
 import json
 import os
-import re
 
 import numpy as np
 
@@ -77,23 +75,6 @@ class OveroptConfig:
 
 
 # -- pure measures ----------------------------------------------------------------------------------
-def curve(samples_by_step: dict[int, list[dict]], kl_rows: list[tuple[int, float]], gold, eval_every: int
-          ) -> list[dict]:
-    """One point per evaluation: its step, the gold and proxy rates of its samples, and the KL.
-
-    `kl_rows` are (step, logged train/kl); a point's KL is their mean over (step - eval_every, step]
-    (0 at step 0, the start itself).
-    """
-    points = []
-    for step in sorted(samples_by_step):
-        rows = samples_by_step[step]
-        kls = [k for s, k in kl_rows if step - eval_every < s <= step]
-        points.append({"step": step, "gold": float(np.mean([gold(r["prompt"], r["response"]) for r in rows])),
-                       "proxy": float(np.mean([r["reward"] for r in rows])),
-                       "kl": 0.0 if step == 0 else (float(np.mean(kls)) if kls else float("nan"))})
-    return points
-
-
 def mean_interval(values) -> dict:
     """Mean and a 95% t-interval over seeds (low and high None from one value)."""
     v = np.asarray(values, float)
@@ -116,23 +97,6 @@ def summarise(curves: dict[str, dict[int, list[dict]]]) -> dict:
                      "final_proxy": mean_interval([p["proxy"] for p in last]),
                      "drop_from_best": mean_interval([b["gold"] - p["gold"] for b, p in zip(best, last)])}
     return out
-
-
-# -- reading a policy run ---------------------------------------------------------------------------
-def read_run(rl_dir: str) -> tuple[dict[int, list[dict]], list[tuple[int, float]]]:
-    """The evaluation samples (`samples_<step>.jsonl`) and the logged (step, train/kl) of an RL workdir."""
-    samples = {}
-    for path in glob.glob(os.path.join(rl_dir, "samples_*.jsonl")):
-        step = int(re.fullmatch(r"samples_(\d+)\.jsonl", os.path.basename(path)).group(1))
-        with open(path) as f:
-            samples[step] = [json.loads(line) for line in f if line.strip()]
-    kl = []
-    with open(os.path.join(rl_dir, "metrics.jsonl")) as f:
-        for line in f:
-            row = json.loads(line)
-            if row.get("train/kl") is not None:
-                kl.append((int(row["step"]), float(row["train/kl"])))
-    return samples, kl
 
 
 # -- WARP's interpolation of a trained policy towards its start -----------------------------------------
@@ -183,6 +147,7 @@ def interpolation(rl_dir: str, start: str, reward_model: str, gold, *, etas=(1.0
 # -- the study ---------------------------------------------------------------------------------------
 def run_overoptimisation(workdir: str, cfg: OveroptConfig = OveroptConfig(), gold=toy.gold_reward) -> dict:
     """Run (or resume) the study in `workdir`; writes overoptimisation.json and returns it."""
+    from pe_rlhf.eval.experiment import eval_curve
     from pe_rlhf.models.heads import EnsembleRule
     from pe_rlhf.models.lora import LoRAConfig
     from pe_rlhf.train.ensemble import WARM, train_reward_ensemble
@@ -203,8 +168,14 @@ def run_overoptimisation(workdir: str, cfg: OveroptConfig = OveroptConfig(), gol
     data = DataConfig(max_prompt_len=cfg.max_prompt_len, max_response_len=cfg.max_response_len, eval_size=64)
     export, _ = toy_sft(os.path.join(workdir, "sft"), model=cfg.model, examples=cfg.num_sft_examples,
                         loop=loop(cfg.sft_steps, 0), data=data, learning_rate=cfg.sft_lr, seed=0)
+    rules = {"mean": EnsembleRule("mean"), "mean_minus_std": EnsembleRule("mean_minus_std", cfg.penalty),
+             "min": EnsembleRule("min")}
+
+    def gold_scores(prompts, responses):
+        return [gold(p, r) for p, r in zip(prompts, responses)]
+
     curves = {line: {} for line in cfg.lines}
-    reward_models = {}
+    reward_models, warp = {}, {}
     for seed in cfg.seeds:
         # PROXIES: K LoRA reward models on pairs with swapped labels, and their WARM average
         rm_dir = os.path.join(workdir, f"seed{seed}", "rm")
@@ -214,11 +185,11 @@ def run_overoptimisation(workdir: str, cfg: OveroptConfig = OveroptConfig(), gol
             members=cfg.members, model=export, tuning=lora_tuning, loop=loop(cfg.rm_steps, seed),
             optimizer=OptimizerConfig(learning_rate=cfg.rm_lr, total_steps=cfg.rm_steps),
             data=dataclasses.replace(data, eval_size=0.25, train_fraction=cfg.member_fraction),
-            rules=(EnsembleRule("mean"), EnsembleRule("mean_minus_std", cfg.penalty), EnsembleRule("min")))
+            rules=tuple(rules.values()))
         reward_models[seed] = record["summary"]
-        rewards = {"single": (os.path.join(rm_dir, "members", "0"), None), "warm": (os.path.join(rm_dir, WARM), None),
-                   "mean": (rm_dir, EnsembleRule("mean")), "min": (rm_dir, EnsembleRule("min")),
-                   "mean_minus_std": (rm_dir, EnsembleRule("mean_minus_std", cfg.penalty))}
+        single = os.path.join(rm_dir, "members", "0")
+        rewards = {"single": (single, None), "warm": (os.path.join(rm_dir, WARM), None),
+                   **{name: (rm_dir, rule) for name, rule in rules.items()}}
         # POLICIES: LoRA ReMax against each reward, evaluated by the gold rule along the way
         for line in cfg.lines:
             rl_dir = os.path.join(workdir, f"seed{seed}", line)
@@ -230,17 +201,13 @@ def run_overoptimisation(workdir: str, cfg: OveroptConfig = OveroptConfig(), gol
                       loop=loop(cfg.rl_steps, seed, cfg.eval_every),
                       data=DataConfig(max_prompt_len=cfg.max_prompt_len, eval_size=24),
                       eval_temperature=1.0, eval_samples=cfg.eval_samples)
-            curves[line][seed] = curve(*read_run(rl_dir), gold=gold, eval_every=cfg.eval_every)
-
-    # WARP: the single-RM policy interpolated towards its start, after training
-    warp = {}
-    if "single" in cfg.lines:
-        for seed in cfg.seeds:
+            curves[line][seed] = eval_curve(rl_dir, {"gold": gold_scores})
+        # WARP: the single-RM policy interpolated towards its start, after training
+        if "single" in cfg.lines:
             path = os.path.join(workdir, f"seed{seed}", "interpolation.json")
             if not os.path.exists(path):
                 write_json_atomic(path, interpolation(
-                    os.path.join(workdir, f"seed{seed}", "single"), export,
-                    os.path.join(workdir, f"seed{seed}", "rm", "members", "0"), gold, samples=cfg.eval_samples,
+                    os.path.join(workdir, f"seed{seed}", "single"), export, single, gold, samples=cfg.eval_samples,
                     max_prompt_len=cfg.max_prompt_len, max_new_tokens=cfg.max_response_len, seed=seed))
             with open(path) as f:
                 warp[str(seed)] = json.load(f)
@@ -265,5 +232,5 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-__all__ = ["LINES", "OveroptConfig", "curve", "interpolation", "markdown", "mean_interval", "read_run",
-           "run_overoptimisation", "summarise"]
+__all__ = ["LINES", "OveroptConfig", "interpolation", "markdown", "mean_interval", "run_overoptimisation",
+           "summarise"]

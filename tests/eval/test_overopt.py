@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from pe_rlhf.data import toy
-from pe_rlhf.eval.overopt import OveroptConfig, curve, markdown, mean_interval, read_run, summarise
+from pe_rlhf.eval.overopt import OveroptConfig, markdown, mean_interval, summarise
 
 
 def test_label_noise_swaps_a_seeded_fraction_and_zero_is_the_clean_set():
@@ -26,15 +26,24 @@ def test_label_noise_swaps_a_seeded_fraction_and_zero_is_the_clean_set():
         toy.preference_pairs(n=4, label_noise=0.5)
 
 
-def test_curve_by_hand():
-    gold = lambda p, r: float(r == "good")  # noqa: E731
-    samples = {0: [{"prompt": "p", "response": "good", "reward": 1.0}, {"prompt": "p", "response": "bad", "reward": 0.0}],
-               10: [{"prompt": "p", "response": "good", "reward": 3.0}] * 3 + [{"prompt": "p", "response": "x",
-                                                                                  "reward": 5.0}]}
-    kl = [(5, 0.2), (10, 0.4), (15, 9.0)]
-    points = curve(samples, kl, gold, eval_every=10)
-    assert points == [{"step": 0, "gold": 0.5, "proxy": 0.5, "kl": 0.0},
-                      {"step": 10, "gold": 0.75, "proxy": 3.5, "kl": pytest.approx(0.3)}]
+def test_eval_curve_by_hand(tmp_path):
+    from pe_rlhf.eval.experiment import eval_curve
+
+    def write(name, rows):
+        (tmp_path / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    write("samples_0.jsonl", [{"prompt": "p", "response": "good", "reward": 1.0},
+                              {"prompt": "p", "response": "bad", "reward": 0.0}])
+    write("samples_10.jsonl", [{"prompt": "p", "response": "good", "reward": 3.0}] * 3
+          + [{"prompt": "p", "response": "x", "reward": 5.0}])
+    # train/kl at steps 5 and 10 (step 10 logged twice, as by a resumed run: the last line counts), an
+    # evaluation row without it, and step 15, after the last evaluation
+    write("metrics.jsonl", [{"step": 5, "train/kl": 0.2}, {"step": 10, "train/kl": 7.0}, {"step": 10, "train/kl": 0.4},
+                            {"step": 10, "eval/reward": 1.0}, {"step": 15, "train/kl": 9.0}])
+    gold = lambda ps, rs: [float(r == "good") for r in rs]  # noqa: E731
+    points = eval_curve(str(tmp_path), {"gold": gold})
+    assert points == [{"step": 0, "proxy": 0.5, "gold": 0.5, "kl": 0.0},
+                      {"step": 10, "proxy": 3.5, "gold": 0.75, "kl": pytest.approx(0.3)}]
 
 
 def test_mean_interval_and_summary_by_hand():
@@ -53,14 +62,6 @@ def test_mean_interval_and_summary_by_hand():
     assert s["final_gold"]["mean"] == pytest.approx(0.65) and s["final_kl"]["mean"] == pytest.approx(3.5)
     assert s["drop_from_best"]["mean"] == pytest.approx(0.2)
     assert "| single | 0.850 [" in markdown({"summary": {"single": s}})
-
-
-def test_read_run(tmp_path):
-    (tmp_path / "samples_0.jsonl").write_text(json.dumps({"prompt": "p", "response": "r", "reward": 1.0}) + "\n")
-    (tmp_path / "samples_20.jsonl").write_text("")
-    (tmp_path / "metrics.jsonl").write_text('{"step": 5, "train/kl": 0.5}\n{"step": 5, "eval/reward": 1}\n')
-    samples, kl = read_run(str(tmp_path))
-    assert sorted(samples) == [0, 20] and samples[0][0]["reward"] == 1.0 and kl == [(5, 0.5)]
 
 
 def test_config_names_a_bad_line():
