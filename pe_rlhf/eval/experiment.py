@@ -222,23 +222,43 @@ def eval_curve(rl_dir: str, scorers: dict[str, Callable]) -> list[dict]:
 
 
 # -- the experiment -----------------------------------------------------------------------------------
+REWARDS = ("proxy", "ensemble", "warm")
+
+
 def rlhf_experiment(*, workdir: str, model: str, held_out: D.Loaded, sft_job: Callable, proxy_job: Callable,
                     judge_job: Callable, rl_jobs: dict[str, Callable], lines: Sequence[str] | None = None,
-                    evaluation: EvalConfig = EvalConfig()) -> dict:
+                    evaluation: EvalConfig = EvalConfig(), ensemble_job: Callable | None = None,
+                    line_rewards: dict[str, str] | None = None) -> dict:
     """Run (or resume) every stage and write `summary.json`: one row per line, as in the results page.
 
     `held_out` is the part of the data no stage trains on (`pe_rlhf.data.named.dataset_part(...,
     'eval')`): its prompts are the evaluation's, its pairs are where proxy and judge are compared.
     `lines` picks which of `rl_jobs` to run now (all by default), so lines can be added to a
     finished experiment later.
+
+    `line_rewards` names the reward a line optimises: "proxy" (the default), "ensemble" or "warm".
+    Those two come from `ensemble_job` (a `train_reward_ensemble`), run in `proxy_ensemble/` when a
+    line needs it, with the proxy RM as its member 0 and further members trained the same way with
+    other seeds; "warm" is their weight average. Every line is still judged, and compared, by the
+    one proxy and the judge.
     """
-    os.makedirs(workdir, exist_ok=True)
     held = held_out
     prompts = list(D.prompts_of(held.examples))
     lines = list(rl_jobs) if lines is None else list(lines)
     unknown = [n for n in lines if n not in rl_jobs]
     if unknown:
         raise KeyError(f"rlhf_experiment.lines: {unknown} not in rl_jobs ({', '.join(rl_jobs)})")
+    line_rewards = dict(line_rewards or {})
+    bad = {n: r for n, r in line_rewards.items() if n not in rl_jobs or r not in REWARDS}
+    if bad:
+        raise KeyError(f"rlhf_experiment.line_rewards: {bad}: each key must be a line of rl_jobs "
+                       f"({', '.join(rl_jobs)}) and each value one of {REWARDS}")
+    need_ensemble = any(line_rewards.get(n, "proxy") != "proxy" for n in lines)
+    if need_ensemble and ensemble_job is None:
+        raise ValueError("rlhf_experiment: lines "
+                         f"{[n for n in lines if line_rewards.get(n, 'proxy') != 'proxy']} optimise the ensemble "
+                         "or WARM, but rlhf_experiment.ensemble_job is not set")
+    os.makedirs(workdir, exist_ok=True)
     d = functools.partial(os.path.join, workdir)
     stages = {}
 
@@ -263,6 +283,11 @@ def rlhf_experiment(*, workdir: str, model: str, held_out: D.Loaded, sft_job: Ca
         return summary
 
     stages["rm_agreement"] = run_stage("rm_agreement", d("rm_agreement"), agreement_job)
+    if need_ensemble:  # the proxy is member 0: its seed and data are the members' recipe
+        stages["proxy_ensemble"] = run_stage("proxy_ensemble", d("proxy_ensemble"), ensemble_job, model=base,
+                                             first_members=[d("proxy_rm")],
+                                             outputs=("summary.json", "warm/run_info.json"))
+    reward_dirs = {"proxy": d("proxy_rm"), "ensemble": d("proxy_ensemble"), "warm": d("proxy_ensemble", "warm")}
 
     # the starting point every line is measured against
     def sft_eval_job(workdir):
@@ -274,15 +299,19 @@ def rlhf_experiment(*, workdir: str, model: str, held_out: D.Loaded, sft_job: Ca
     baseline = {"responses": d("eval", "sft", "responses.jsonl")}
 
     for line in lines:
+        reward = line_rewards.get(line, "proxy")
         stages[f"rl/{line}"] = run_stage(f"rl/{line}", d("rl", line), rl_jobs[line], model=base,
-                                         reward_model=d("proxy_rm"))
+                                         reward_model=reward_dirs[reward])
 
-        def eval_job(workdir, line=line):
+        def eval_job(workdir, line=line, reward=reward):
             sft_model, _, _ = winrate.load_policy(d("sft"))
             summary = evaluate_policy(workdir=workdir, name=line, policy=d("rl", line), prompts=prompts,
                                       scorers=get_scorers(), cfg=evaluation, baseline=baseline,
                                       baseline_model=sft_model)
-            curve = eval_curve(d("rl", line), {"judge": get_scorers().judge})
+            # "proxy" in a curve is the reward the line optimised; another reward's line is also scored
+            # by the single proxy, so that every curve has it
+            curve = eval_curve(d("rl", line), {"judge": get_scorers().judge,
+                                               **({"single_proxy": get_scorers().proxy} if reward != "proxy" else {})})
             write_json_atomic(os.path.join(workdir, "curve.json"), curve)
             return summary
 
@@ -308,7 +337,7 @@ def collect(workdir: str) -> dict:
 
     d = functools.partial(os.path.join, workdir)
     out = {"workdir": workdir, "stages": {}, "lines": {}}
-    for stage in ("sft", "proxy_rm", "judge_rm", "rm_agreement"):
+    for stage in ("sft", "proxy_rm", "judge_rm", "rm_agreement", "proxy_ensemble"):
         rec = finished(d(stage))
         if rec is not None:
             out["stages"][stage] = {"seconds": rec["seconds"], "summary": rec["summary"]}
@@ -329,7 +358,9 @@ def collect(workdir: str) -> dict:
                          "seconds": rl["seconds"], "compiled_peak_bytes": s.get("compiled_peak_bytes"),
                          "rss_peak_bytes_process": s.get("rss_peak_bytes_process"),
                          "median_examples_per_s": float(np.median(rates)) if rates else None,
-                         "seconds_per_step": (batch / float(np.median(rates))) if rates and batch else None}
+                         "seconds_per_step": (batch / float(np.median(rates))) if rates and batch else None,
+                         **{k: (_read(d("rl", name, "run_info.json")) or {}).get(k)
+                            for k in ("reward_model", "reward_rule")}}
             row["curve"] = _read(d("eval", name, "curve.json"))
         out["lines"][name] = row
     return out

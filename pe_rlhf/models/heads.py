@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from pe_rlhf.models.transformer import Packing, Transformer
@@ -87,20 +89,51 @@ class EnsembleRule:
     mean: the average; mean_minus_std: mean - penalty * std over the members (population std),
     uncertainty-penalised; min: the most pessimistic member (worst-case optimisation). Coste et
     al. 2023 (arXiv 2310.02743) found the conservative rules to curb over-optimisation.
+
+    standardise: first put each member's score in common units, (s - mean_k) / std_k, with member
+    k's mean and std over the held-out responses (`train_reward_ensemble` records them). A
+    Bradley-Terry reward is defined only up to a constant, so members that learnt the same ranking
+    can sit at different offsets and scales; raw, `min` would follow whichever member has the
+    lowest offset and `std` would measure the offsets, not the members' disagreement. Coste et al.
+    normalise their members likewise.
     """
 
     rule: str = "mean"
     penalty: float = 1.0
+    standardise: bool = True
 
     def __post_init__(self):
         if self.rule not in ENSEMBLE_RULES:
             raise ValueError(f"EnsembleRule.rule {self.rule!r} is not one of {ENSEMBLE_RULES}")
         if not (isinstance(self.penalty, (int, float)) and self.penalty >= 0):
             raise ValueError(f"EnsembleRule.penalty must be a number >= 0, got {self.penalty!r}")
+        if not isinstance(self.standardise, bool):
+            raise ValueError(f"EnsembleRule.standardise must be True or False, got {self.standardise!r}")
+
+
+def member_stats(scores_KxN) -> list[dict]:
+    """Each member's mean and (population) std over N scores: what `standardise_scores` divides out."""
+    s = np.asarray(scores_KxN, np.float64)
+    return [{"mean": float(m), "std": float(sd)} for m, sd in zip(s.mean(axis=1), s.std(axis=1))]
+
+
+def standardise_scores(scores_Kx, stats: Sequence[dict]):
+    """(s_k - mean_k) / std_k for member k (leading axis), `stats` as `member_stats` gives them."""
+    if len(stats) != scores_Kx.shape[0]:
+        raise ValueError(f"standardise_scores: {len(stats)} members' stats for {scores_Kx.shape[0]} members")
+    bad = [k for k, st in enumerate(stats) if not st["std"] > 0]
+    if bad:
+        raise ValueError(f"standardise_scores: member(s) {bad} gave one score to every held-out response "
+                         f"(std 0); they cannot be put in common units")
+    shape = (-1,) + (1,) * (scores_Kx.ndim - 1)
+    mean = np.asarray([st["mean"] for st in stats], np.float32).reshape(shape)
+    std = np.asarray([st["std"] for st in stats], np.float32).reshape(shape)
+    return (scores_Kx - mean) / std
 
 
 def combine_rewards(scores_KxB, rule: EnsembleRule = EnsembleRule()):
-    """One reward per row from K members' scores: [K, B] -> [B], by `rule`."""
+    """One reward per row from K members' scores: [K, B] -> [B], by `rule` (scores already standardised
+    where the rule says so: `RewardEnsemble` does that)."""
     if rule.rule == "mean":
         return scores_KxB.mean(axis=0)
     if rule.rule == "min":
@@ -112,20 +145,38 @@ class RewardEnsemble(nnx.Module):
     """K reward models scored one after another and combined by an `EnsembleRule`.
 
     The members usually share one backbone, each with its own adapter and head: K forward passes
-    over one copy of the base weights. Called like a `RewardModel`.
+    over one copy of the base weights. Called like a `RewardModel`. `stats` (`member_stats` of the
+    members' held-out scores) are required when `rule.standardise`.
     """
 
-    def __init__(self, members, *, rule: EnsembleRule = EnsembleRule()):
+    def __init__(self, members, *, rule: EnsembleRule = EnsembleRule(), stats: Sequence[dict] | None = None):
         self.members = nnx.List(list(members))
         self.rule = rule
+        if rule.standardise and stats is None:
+            raise ValueError("RewardEnsemble: rule.standardise needs each member's held-out mean and std (stats=); "
+                             "pass them, or EnsembleRule(standardise=False) to combine raw scores")
+        if stats is not None and len(stats) != len(self.members):
+            raise ValueError(f"RewardEnsemble: stats for {len(stats)} members, {len(self.members)} members given")
+        # static floats (hashable, folded into the jitted step as constants)
+        self.means = None if stats is None else tuple(float(st["mean"]) for st in stats)
+        self.stds = None if stats is None else tuple(float(st["std"]) for st in stats)
+
+    @property
+    def stats(self) -> list[dict] | None:
+        return None if self.means is None else [{"mean": m, "std": s} for m, s in zip(self.means, self.stds)]
 
     def member_scores(self, tokens_BxT, mask_BxT):
-        """Each member's score: [K, B]."""
+        """Each member's raw score: [K, B]."""
         return jnp.stack([m(tokens_BxT, mask_BxT) for m in self.members])
 
+    def _combine(self, scores_Kx):
+        if self.rule.standardise:
+            scores_Kx = standardise_scores(scores_Kx, self.stats)
+        return combine_rewards(scores_Kx, self.rule)
+
     def __call__(self, tokens_BxT, mask_BxT):
-        return combine_rewards(self.member_scores(tokens_BxT, mask_BxT), self.rule)
+        return self._combine(self.member_scores(tokens_BxT, mask_BxT))
 
     def score_packed(self, batch, span: int):
         """`RewardModel.score_packed` of each member, combined: [R, P, K]."""
-        return combine_rewards(jnp.stack([m.score_packed(batch, span) for m in self.members]), self.rule)
+        return self._combine(jnp.stack([m.score_packed(batch, span) for m in self.members]))

@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import shutil
+from collections.abc import Sequence
 
 import numpy as np
 from flax import nnx
@@ -26,11 +27,12 @@ from pe_rlhf import data as D
 from pe_rlhf.checkpoints.load import load_backbone
 from pe_rlhf.checkpoints.orbax_io import RunCheckpointer
 from pe_rlhf.models import averaging, lora
-from pe_rlhf.models.heads import ENSEMBLE_RULES, EnsembleRule, RewardModel, combine_rewards
+from pe_rlhf.models.heads import (ENSEMBLE_RULES, EnsembleRule, RewardModel, combine_rewards, member_stats,
+                                  standardise_scores)
 from pe_rlhf.train import metrics as M
 from pe_rlhf.train.config import DataConfig, LoopConfig, TuningConfig
 from pe_rlhf.train.optim import OptimizerConfig
-from pe_rlhf.train.records import lora_config_of, read_run_info, write_run_info
+from pe_rlhf.train.records import lora_config_of, read_run_info, same_model, write_run_info
 from pe_rlhf.train.stages import run_stage, write_json_atomic
 from pe_rlhf.train.supervised import reward_data, restore_reward_model, train_reward_model, trainable_filter
 
@@ -87,25 +89,65 @@ def write_warm(workdir: str, backbone, members: list[RewardModel], member_workdi
     return warm
 
 
+def _check_first_members(first_members, members: int, model: str, tuning: TuningConfig, adapter: str) -> list[str]:
+    """`first_members` as absolute workdirs, refused unless each is a finished LoRA reward model on `model`."""
+    dirs = [os.path.abspath(d) for d in first_members]
+    if len(dirs) >= members:
+        raise ValueError(f"train_reward_ensemble: {len(dirs)} first_members for members={members}; the ensemble "
+                         "would train none (use fewer first members or more members)")
+    names = []
+    for k, d in enumerate(dirs):
+        where = f"train_reward_ensemble.first_members[{k}] ({d})"
+        info = read_run_info(d)
+        if info is None:
+            raise ValueError(f"{where}: no run_info.json; expected the workdir of a finished reward-model run")
+        if info.get("stage") != "reward_model" or info.get("tuning") != "lora":
+            raise ValueError(f"{where}: stage {info.get('stage')!r}, tuning {info.get('tuning')!r}; an ensemble "
+                             "member must be a LoRA reward model")
+        if not same_model(info["model"], model):
+            raise ValueError(f"{where}: trained on {info['model']!r}, the ensemble's model is {model!r}; members "
+                             "must share one backbone")
+        if info.get("quantize") != tuning.quantize:
+            raise ValueError(f"{where}: its backbone was stored {info.get('quantize')!r}, the ensemble's "
+                             f"TuningConfig.quantize is {tuning.quantize!r}")
+        if not os.path.isdir(os.path.join(d, "checkpoints")):
+            raise ValueError(f"{where}: no checkpoints/ to restore its adapter from")
+        names.append(info["adapter"])
+    trained = [f"{adapter}_{k}" for k in range(len(dirs), members)]
+    clash = sorted({n for n in names if names.count(n) > 1 or n in trained})
+    if clash:
+        raise ValueError(f"train_reward_ensemble: adapter name(s) {clash} used twice among the first members "
+                         f"({names}) and the ones to train ({trained}); every member needs its own adapter on the "
+                         "shared backbone (set train_reward_ensemble.adapter to another prefix)")
+    return dirs
+
+
 def train_reward_ensemble(*, workdir: str, dataset: D.Loaded, members: int = 4, model: str = "tiny",
                           dtype: str = "float32", tuning: TuningConfig = TuningConfig(),
                           optimizer: OptimizerConfig = OptimizerConfig(), loop: LoopConfig = LoopConfig(),
                           data: DataConfig = DataConfig(), center_coef: float = 0.0, adapter: str = "reward",
-                          rules: tuple[EnsembleRule, ...] = tuple(EnsembleRule(r) for r in ENSEMBLE_RULES)) -> dict:
+                          rules: tuple[EnsembleRule, ...] = tuple(EnsembleRule(r) for r in ENSEMBLE_RULES),
+                          first_members: Sequence[str] = ()) -> dict:
     """Train `members` LoRA reward models (seeds `loop.seed + k`), their WARM average, and score them all.
 
     Every member is a `train_reward_model` run with adapter `<adapter>_<k>`; LoRA only (K fully tuned
-    copies would not share a backbone). Returns (and writes to summary.json) held-out metrics of each
-    member, of the ensemble under each of `rules`, and of WARM.
+    copies would not share a backbone). `first_members` are finished LoRA reward-model workdirs on the
+    same base, taken as members 0, 1, ... as they are (e.g. an experiment's single reward model, so
+    that the ensemble contains it); they keep their adapter names and stay where they are, and should
+    follow the members' recipe and held-out part (the number held out is checked). Returns (and writes to
+    summary.json) held-out metrics of each member, of the ensemble under each of `rules`, and of
+    WARM; run_info.json records each member's mean and std over the held-out responses (what a
+    standardising `EnsembleRule` divides out).
     """
     if tuning.mode != "lora":
         raise ValueError(f"train_reward_ensemble: TuningConfig.mode={tuning.mode!r}; an ensemble here is K LoRA "
                          "adapters on one frozen backbone, so use mode='lora'")
     if not isinstance(members, int) or members < 2:
         raise ValueError(f"train_reward_ensemble: members={members!r}; an ensemble needs at least 2")
-    dirs = [os.path.join(workdir, "members", str(k)) for k in range(members)]
+    reused = _check_first_members(first_members, members, model, tuning, adapter)
+    dirs = reused + [os.path.join(workdir, "members", str(k)) for k in range(len(reused), members)]
     # MEMBERS: ordinary reward-model runs, each skipped when done and resumed when interrupted
-    for k, d in enumerate(dirs):
+    for k, d in enumerate(dirs[len(reused):], start=len(reused)):
         run_stage(f"member {k}", d, train_reward_model, dataset=dataset, model=model, dtype=dtype, tuning=tuning,
                   optimizer=optimizer, loop=dataclasses.replace(loop, seed=loop.seed + k), data=data,
                   center_coef=center_coef, adapter=f"{adapter}_{k}")
@@ -117,21 +159,31 @@ def train_reward_ensemble(*, workdir: str, dataset: D.Loaded, members: int = 4, 
 
     # EVALUATION: the held-out part every member held out
     rd = reward_data(dataset, tokenizer, data, loop, center_coef)
+    held = len(rd.eval_items)
+    for d in reused:
+        if read_run_info(d).get("eval_examples") != held:
+            raise ValueError(f"train_reward_ensemble.first_members: {d} held out {read_run_info(d).get('eval_examples')} "
+                             f"examples, the ensemble's data holds out {held}; members must share the held-out part")
     scores = [rd.eval_scores(*nnx.split(m, trainable_filter(tuning, m.adapters[0]), ...), loop) for m in rms]
     a_KxN = np.stack([s[0] for s in scores])
     b_KxN = np.stack([s[1] for s in scores])
+    # each member's units: its scores on every held-out response (pairwise: chosen and rejected)
+    stats = member_stats(np.concatenate([a_KxN, b_KxN], axis=1) if rd.pairwise else a_KxN)
     summary = {"members": [M.reward_metrics(rd.pairwise, a, b) for a, b in zip(a_KxN, b_KxN)]}
     for rule in rules:
         key = rule.rule if rule.rule != "mean_minus_std" else f"mean_minus_{rule.penalty:g}std"
+        key += "" if rule.standardise else "_raw"
+        a = standardise_scores(a_KxN, stats) if rule.standardise else a_KxN
         if rd.pairwise:
-            summary[f"ensemble_{key}"] = M.pairwise_metrics(combine_rewards(a_KxN, rule), combine_rewards(b_KxN, rule))
+            b = standardise_scores(b_KxN, stats) if rule.standardise else b_KxN
+            summary[f"ensemble_{key}"] = M.pairwise_metrics(combine_rewards(a, rule), combine_rewards(b, rule))
         else:
-            summary[f"ensemble_{key}"] = M.classification_metrics(combine_rewards(a_KxN, rule), b_KxN[0])
+            summary[f"ensemble_{key}"] = M.classification_metrics(combine_rewards(a, rule), b_KxN[0])
     summary[WARM] = M.reward_metrics(rd.pairwise, *rd.eval_scores(*nnx.split(warm, trainable_filter(tuning, WARM),
                                                                              ...), loop))
     info = {"stage": ENSEMBLE_STAGE, "model": model, "dtype": dtype, "tuning": "lora", "quantize": tuning.quantize,
             "members": [os.path.relpath(d, workdir) for d in dirs], "adapter": adapter,
-            "lora": dataclasses.asdict(tuning.lora), "warm": WARM}
+            "lora": dataclasses.asdict(tuning.lora), "warm": WARM, "member_stats": stats}
     write_run_info(workdir, info)
     write_json_atomic(os.path.join(workdir, "summary.json"), summary)
     return summary

@@ -29,6 +29,13 @@ def write_run_info(workdir: str, info: dict) -> None:
     write_json_atomic(os.path.join(workdir, RUN_INFO), info)
 
 
+def same_model(a: str, b: str) -> bool:
+    """Whether two model sources name the same checkpoint (a relative and an absolute path may)."""
+    if a == b:
+        return True
+    return os.path.exists(a) and os.path.exists(b) and os.path.samefile(a, b)
+
+
 def lora_config_of(info: dict) -> lora.LoRAConfig | None:
     """The LoRA options a run trained with, from its record (None for a fully tuned run)."""
     cfg = info.get("lora")
@@ -49,7 +56,8 @@ def _flat(d: dict, prefix: str = "") -> dict:
 
 # Identity keys added after identities were first recorded, with the value their absence stands for:
 # a workdir recorded before `LoRAConfig` had rsLoRA and DoRA trained plain LoRA, and resumes as such.
-ADDED_KEYS = {"lora.rslora": False, "lora.dora": False, "data.train_fraction": 1.0}
+ADDED_KEYS = {"lora.rslora": False, "lora.dora": False, "data.train_fraction": 1.0,
+              "reward_rule.standardise": False}
 
 
 def identity_differences(old: dict, new: dict) -> list[tuple[str, object, object]]:

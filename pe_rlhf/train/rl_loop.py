@@ -29,7 +29,7 @@ from pe_rlhf.train.loop import Job, train_loop
 from pe_rlhf.train.optim import OptimizerConfig, guard_nonfinite, make_optimizer
 from pe_rlhf.train.precision import master_weights
 from pe_rlhf.train.rollout import RLConfig, RLModules, rollout
-from pe_rlhf.train.records import read_run_info, run_identity
+from pe_rlhf.train.records import read_run_info, run_identity, same_model
 from pe_rlhf.train.sharded import sharded_rl_step
 from pe_rlhf.train.config import DataConfig, LoopConfig, TuningConfig
 from pe_rlhf.train.ensemble import ENSEMBLE_STAGE, member_dirs, restore_members
@@ -44,13 +44,6 @@ class RewardModelMismatch(ValueError):
 
 def _same_vocab(a, b) -> bool:
     return a is b or (len(a) == len(b) and a.get_vocab() == b.get_vocab())
-
-
-def _same_model(a: str, b: str) -> bool:
-    """Whether two model sources name the same checkpoint (a relative and an absolute path may)."""
-    if a == b:
-        return True
-    return os.path.exists(a) and os.path.exists(b) and os.path.samefile(a, b)
 
 
 def _own_backbone(info: dict, tokenizer, rm_workdir: str, policy_model: str, dtype: str):
@@ -89,16 +82,24 @@ def attach_reward_model(backbone, tokenizer, rm_workdir: str, *, policy_model: s
     if rule is not None and stage != ENSEMBLE_STAGE:
         raise RewardModelMismatch(f"{rm_workdir} holds one reward model, not an ensemble; an ensemble rule "
                                   f"({rule}) applies only to a train_reward_ensemble workdir")
-    shared = (info["tuning"] == "lora" and _same_model(info["model"], policy_model) and policy_tuning == "lora"
+    shared = (info["tuning"] == "lora" and same_model(info["model"], policy_model) and policy_tuning == "lora"
               and info.get("quantize") == policy_quantize)
     rm_backbone = backbone if shared else _own_backbone(info, tokenizer, rm_workdir, policy_model, dtype)
     where = "shares the policy backbone" if shared else "own backbone"
     if stage == ENSEMBLE_STAGE:
-        members = restore_members(rm_backbone, member_dirs(rm_workdir, info))
         rule = rule or EnsembleRule()
+        stats = info.get("member_stats")
+        if rule.standardise and stats is None:
+            raise RewardModelMismatch(
+                f"{rm_workdir}/run_info.json has no member_stats (the members' held-out means and stds), which "
+                f"the rule {rule} needs to standardise their scores: it was written before they were recorded. "
+                "Delete the workdir's DONE and summary.json and run train_reward_ensemble again (the members are "
+                "kept, only the scoring reruns), or use EnsembleRule(standardise=False) for raw scores")
+        members = restore_members(rm_backbone, member_dirs(rm_workdir, info))
         print(f"reward ensemble from {rm_workdir}: {len(members)} members, rule {rule.rule}"
-              f"{f' (penalty {rule.penalty:g})' if rule.rule == 'mean_minus_std' else ''}, {where}")
-        return RewardEnsemble(members, rule=rule)
+              f"{f' (penalty {rule.penalty:g})' if rule.rule == 'mean_minus_std' else ''}"
+              f"{', standardised' if rule.standardise else ', raw scores'}, {where}")
+        return RewardEnsemble(members, rule=rule, stats=stats)
     rm, step = restore_reward_model(rm_backbone, rm_workdir, info)
     print(f"reward model from {rm_workdir} (step {step}, {info['tuning']}, {where})")
     return rm

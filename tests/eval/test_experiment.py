@@ -152,3 +152,49 @@ def test_experiment_runs_resumes_and_repairs_a_half_written_stage(tmp_path):
     assert compact["lines"]["lora_remax"]["variety"]["responses"] == row["prompts"]
     assert report.response_variety(["I\u2019m sorry, no.", "I'm  sorry, no.", "Sure thing"]) == {
         "responses": 3, "distinct": 2, "top_opening": "I'm sorry,", "top_opening_share": 2 / 3}
+
+
+def test_lines_against_the_proxy_ensemble_and_warm(tmp_path):
+    from pe_rlhf.models.heads import EnsembleRule
+    from pe_rlhf.train.ensemble import train_reward_ensemble
+    from pe_rlhf.train.records import read_run_info
+
+    jobs = _jobs()
+    rm = jobs["proxy_job"]
+    pairs = toy.preference_pairs(n=300, seed=0)
+    jobs["ensemble_job"] = functools.partial(
+        train_reward_ensemble, members=2, dataset=dataset_part(pairs, "train", **PARTS), tuning=rm.keywords["tuning"],
+        loop=rm.keywords["loop"], data=rm.keywords["data"], optimizer=rm.keywords["optimizer"])
+    rl = jobs["rl_jobs"]["lora_remax"]
+    jobs["rl_jobs"] = {"lora_remax": rl, "ens": functools.partial(rl, reward_rule=EnsembleRule("min")), "warm": rl}
+    workdir = str(tmp_path / "exp")
+
+    # refused before anything is written: an unknown reward, a line that is not one, no ensemble job
+    for bad, match in (({"ens": "judge"}, "line_rewards"), ({"other": "warm"}, "line_rewards")):
+        with pytest.raises(KeyError, match=match):
+            E.rlhf_experiment(workdir=workdir, **jobs, line_rewards=bad)
+    with pytest.raises(ValueError, match=r"lines \['warm'\] optimise the ensemble or WARM, but .*ensemble_job"):
+        E.rlhf_experiment(workdir=workdir, **{**jobs, "ensemble_job": None}, line_rewards={"warm": "warm"},
+                          lines=["warm"])
+    assert not os.path.exists(workdir)
+
+    # the proxy alone trains no ensemble
+    E.rlhf_experiment(workdir=workdir, **jobs, line_rewards={"ens": "ensemble", "warm": "warm"}, lines=["lora_remax"])
+    assert not os.path.exists(os.path.join(workdir, "proxy_ensemble"))
+    result = E.rlhf_experiment(workdir=workdir, **jobs, line_rewards={"ens": "ensemble", "warm": "warm"})
+    ens = os.path.join(workdir, "proxy_ensemble")
+    assert read_run_info(ens)["members"] == ["../proxy_rm", "members/1"]  # the proxy is member 0
+    proxy = json.load(open(os.path.join(workdir, "proxy_rm", "summary.json")))
+    members = result["stages"]["proxy_ensemble"]["summary"]["members"]
+    assert members[0]["pairwise_accuracy"] == pytest.approx(proxy["eval/pairwise_accuracy"])
+    rows = result["lines"]
+    assert rows["ens"]["rl"]["reward_model"] == ens
+    assert rows["ens"]["rl"]["reward_rule"] == {"rule": "min", "penalty": 1.0, "standardise": True}
+    assert rows["warm"]["rl"]["reward_model"] == os.path.join(ens, "warm") and rows["warm"]["rl"]["reward_rule"] is None
+    assert rows["lora_remax"]["rl"]["reward_model"] == os.path.join(workdir, "proxy_rm")
+    # every line is evaluated by the one proxy and the judge; a line with another reward has its
+    # in-training curve scored by the single proxy too
+    for name in ("ens", "warm"):
+        assert [c["step"] for c in rows[name]["curve"]] == [0, 1, 2]
+        assert all({"proxy", "judge", "single_proxy"} <= set(c) for c in rows[name]["curve"])
+    assert "single_proxy" not in rows["lora_remax"]["curve"][0]

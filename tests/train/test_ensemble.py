@@ -13,7 +13,8 @@ from pe_rlhf.checkpoints.load import load_backbone
 from pe_rlhf.data import toy
 from pe_rlhf.eval import winrate
 from pe_rlhf.models import averaging, lora
-from pe_rlhf.models.heads import EnsembleRule, RewardEnsemble, RewardModel, combine_rewards
+from pe_rlhf.models.heads import (EnsembleRule, RewardEnsemble, RewardModel, combine_rewards, member_stats,
+                                  standardise_scores)
 from pe_rlhf.train.ensemble import train_reward_ensemble
 from pe_rlhf.train.optim import OptimizerConfig
 from pe_rlhf.train.policy import RLConfig
@@ -72,7 +73,7 @@ def test_ensemble_scores_equal_separate_scorings_on_their_own_backbones():
     names = ["r0", "r1", "r2"]
     backbone, members = _members(names)
     tokens, mask = _tokens()
-    ensemble = RewardEnsemble(members, rule=EnsembleRule("mean_minus_std", 1.0))
+    ensemble = RewardEnsemble(members, rule=EnsembleRule("mean_minus_std", 1.0, standardise=False))
     got_KxB = np.asarray(ensemble.member_scores(tokens, mask))
     for k, n in enumerate(names):  # member k alone: a fresh backbone holding only its adapter, same weights
         alone, _ = load_backbone("tiny")
@@ -85,6 +86,41 @@ def test_ensemble_scores_equal_separate_scorings_on_their_own_backbones():
         np.testing.assert_allclose(got_KxB[k], np.asarray(rm(tokens, mask)), atol=1e-5, rtol=0)
     assert np.ptp(got_KxB, axis=0).min() > 1e-3  # the members really differ
     np.testing.assert_allclose(np.asarray(ensemble(tokens, mask)), got_KxB.mean(0) - got_KxB.std(0), atol=1e-5)
+
+
+def test_standardised_members_by_hand_and_blind_to_each_members_offset_and_scale():
+    s_KxN = np.array([[1.0, 3.0, 2.0, 6.0], [10.0, 10.5, 9.0, 10.5]])
+    stats = member_stats(s_KxN)
+    assert stats[0] == pytest.approx({"mean": 3.0, "std": np.sqrt((4 + 0 + 1 + 9) / 4)})
+    assert stats[1] == pytest.approx({"mean": 10.0, "std": np.sqrt((0 + 0.25 + 1 + 0.25) / 4)})
+    z = standardise_scores(s_KxN, stats)
+    np.testing.assert_allclose(z[0], (s_KxN[0] - 3.0) / np.sqrt(3.5), rtol=1e-6)
+    np.testing.assert_allclose(z.mean(1), 0.0, atol=1e-6)
+    np.testing.assert_allclose(z.std(1), 1.0, rtol=1e-6)
+    with pytest.raises(ValueError, match=r"member\(s\) \[1\] gave one score"):
+        standardise_scores(s_KxN, [stats[0], {"mean": 1.0, "std": 0.0}])
+
+    # raw, `min` follows the member with the lowest offset; standardised, a member's offset and scale
+    # (arbitrary for a Bradley-Terry reward) change nothing
+    names = ["r0", "r1", "r2"]
+    _, members = _members(names)
+    tokens, mask = _tokens()
+    rule = EnsembleRule("min")
+    raw_KxB = np.asarray(RewardEnsemble(members, rule=dataclasses.replace(rule, standardise=False))
+                         .member_scores(tokens, mask))
+    ours = np.asarray(RewardEnsemble(members, rule=rule, stats=member_stats(raw_KxB))(tokens, mask))
+    np.testing.assert_allclose(ours, standardise_scores(raw_KxB, member_stats(raw_KxB)).min(0), atol=1e-5)
+    members[1].head.kernel.set_value(members[1].head.kernel[...] * 3.0)
+    members[1].head.bias.set_value(members[1].head.bias[...] * 3.0 - 100.0)
+    moved = RewardEnsemble(members, rule=dataclasses.replace(rule, standardise=False))
+    moved_KxB = np.asarray(moved.member_scores(tokens, mask))
+    np.testing.assert_allclose(np.asarray(moved(tokens, mask)), moved_KxB[1], atol=1e-4)  # raw: member 1 alone
+    again = RewardEnsemble(members, rule=rule, stats=member_stats(moved_KxB))
+    np.testing.assert_allclose(np.asarray(again(tokens, mask)), ours, atol=1e-4)
+    with pytest.raises(ValueError, match="needs each member's held-out mean and std"):
+        RewardEnsemble(members, rule=rule)
+    with pytest.raises(ValueError, match="stats for 2 members, 3 members given"):
+        RewardEnsemble(members, rule=rule, stats=stats)
 
 
 def test_warm_adapter_is_the_exact_average_of_the_members_updates():
@@ -173,8 +209,11 @@ def test_ensemble_job_members_warm_and_an_rl_run_against_them(tmp_path):
     again = RewardModel(backbone, adapters=("avg",))
     again.head = warm_rm.head
     np.testing.assert_allclose(np.asarray(warm_rm(tokens, mask)), np.asarray(again(tokens, mask)), atol=1e-5)
-    np.testing.assert_allclose(np.asarray(ensemble(tokens, mask)),
-                               np.asarray(ensemble.member_scores(tokens, mask)).min(0), atol=1e-6)
+    stats = info["member_stats"]  # each member's units: mean and std over the 48 held-out responses
+    assert len(stats) == 2 and all(st["std"] > 0 for st in stats) and stats[0] != stats[1]
+    raw_KxB = np.asarray(ensemble.member_scores(tokens, mask))
+    by_hand = np.stack([(raw_KxB[k] - st["mean"]) / st["std"] for k, st in enumerate(stats)]).min(0)
+    np.testing.assert_allclose(np.asarray(ensemble(tokens, mask)), by_hand, atol=1e-5)
 
     # a rerun finds the members done and rebuilds the same WARM and summary
     assert _train_ensemble(ens) == summary
@@ -192,13 +231,67 @@ def test_ensemble_job_members_warm_and_an_rl_run_against_them(tmp_path):
 
     out = rl(tmp_path / "rl", EnsembleRule("mean_minus_std", 0.5))
     assert out["step"] == 2
-    assert read_run_info(str(tmp_path / "rl"))["reward_rule"] == {"rule": "mean_minus_std", "penalty": 0.5}
+    assert read_run_info(str(tmp_path / "rl"))["reward_rule"] == {"rule": "mean_minus_std", "penalty": 0.5,
+                                                                   "standardise": True}
     with pytest.raises(RunIdentityError, match="reward_rule.rule: was 'mean_minus_std', now 'min'"):
         rl(tmp_path / "rl", EnsembleRule("min"), steps=4)
     with pytest.raises(RewardModelMismatch, match="not an ensemble"):
         attach_reward_model(backbone, tok, str(ens / "warm"), policy_model="tiny", dtype="float32",
                             rule=EnsembleRule("min"))
     assert os.path.isdir(tmp_path / "rl" / "checkpoints")
+
+
+def test_an_existing_reward_model_is_member_0_and_the_rest_train_as_the_ensemble_would(tmp_path):
+    from pe_rlhf.train.supervised import train_reward_model
+
+    plain = _train_ensemble(tmp_path / "plain")
+    kw = dict(dataset=toy.preference_pairs(n=96), model="tiny",
+              tuning=TuningConfig(mode="lora", lora=lora.LoRAConfig(rank=4, alpha=8.0)),
+              optimizer=OptimizerConfig(learning_rate=3e-3, schedule="constant"),
+              loop=LoopConfig(num_steps=6, batch_size=8, eval_every=0, log_every=2, checkpoint_every=6,
+                              progress_bar=False),
+              data=DataConfig(max_prompt_len=40, max_response_len=32, eval_size=24))
+    train_reward_model(workdir=str(tmp_path / "single"), adapter="mine", **kw)  # seed 0, as member 0 would be
+    ens = tmp_path / "ens"
+    summary = train_reward_ensemble(workdir=str(ens), members=2, first_members=[str(tmp_path / "single")], **kw)
+    info = read_run_info(str(ens))
+    assert info["members"] == ["../single", "members/1"] and not (ens / "members" / "0").exists()
+    assert read_run_info(str(ens / "members" / "1"))["adapter"] == "reward_1"
+    # member 0 is the existing run as it is; member 1 trained exactly as the plain ensemble's did
+    single = json.loads((tmp_path / "single" / "summary.json").read_text())
+    assert summary["members"][0]["pairwise_accuracy"] == pytest.approx(single["eval/pairwise_accuracy"])
+    assert summary["members"][0]["margin_mean"] == pytest.approx(single["eval/margin_mean"], abs=1e-6)
+    assert summary["members"][1] == pytest.approx(plain["members"][1], abs=1e-6)
+
+    def refused(match, **over):
+        before = sorted(os.listdir(tmp_path))
+        with pytest.raises(ValueError, match=match):
+            train_reward_ensemble(workdir=str(tmp_path / "bad"), **{**kw, "members": 2, **over})
+        assert sorted(os.listdir(tmp_path)) == before  # refused before anything was written
+
+    refused(r"adapter name\(s\) \['reward_1'\] used twice", first_members=[str(ens / "members" / "1")])
+    refused("2 first_members for members=2", first_members=[str(tmp_path / "single"), str(ens / "members" / "1")])
+    refused(r"first_members\[0\] .*no run_info.json", first_members=[str(tmp_path / "nowhere")])
+    refused(r"first_members\[0\] .*stage 'reward_ensemble'", first_members=[str(ens)])
+    refused(r"trained on 'tiny', the ensemble's model is 'tiny-llama'", model="tiny-llama",
+            first_members=[str(tmp_path / "single")])
+
+
+def test_an_ensemble_recorded_without_member_stats_needs_them_to_standardise(tmp_path):
+    ens = tmp_path / "ens"
+    _train_ensemble(ens)
+    info = read_run_info(str(ens))
+    del info["member_stats"]
+    with open(ens / "run_info.json", "w") as f:
+        json.dump(info, f)
+    backbone, tok = load_backbone("tiny")
+    with pytest.raises(RewardModelMismatch, match="no member_stats"):
+        attach_reward_model(backbone, tok, str(ens), policy_model="tiny", dtype="float32", rule=EnsembleRule("min"))
+    raw = attach_reward_model(backbone, tok, str(ens), policy_model="tiny", dtype="float32",
+                              rule=EnsembleRule("min", standardise=False))
+    tokens, mask = _tokens()
+    np.testing.assert_allclose(np.asarray(raw(tokens, mask)), np.asarray(raw.member_scores(tokens, mask)).min(0),
+                               atol=1e-6)
 
 
 def test_members_train_on_their_own_subsets_and_hold_out_the_same_pairs():
