@@ -6,11 +6,14 @@
 Reads every finished stage (`pe_rlhf.eval.experiment.collect`) and writes:
 - `--json`: per line, the judge's and the proxy's paired difference against the SFT model (95% CI), the
   judge's win rate, EOS fraction, response length, KL to the SFT model, seconds per step, compiled and
-  RSS peak memory; per stage, the SFT perplexity, both reward models' held-out accuracy, their agreement;
-- `<figures>/<name>_reward_vs_step.png`: the proxy reward of sampled responses during training and of greedy
-  held-out responses at each evaluation, per line;
+  RSS peak memory and the reward it optimised; per stage, the SFT perplexity, both reward models' held-out
+  accuracy, their agreement, and the proxy ensemble's (each member, each rule, WARM) where there is one;
+- `<figures>/<name>_reward_vs_step.png`: the reward each line optimises, of sampled responses during
+  training, and the proxy's and the judge's of greedy held-out responses at each evaluation, per line;
 - `<figures>/<name>_judge_vs_kl.png`: the judge's reward of the held-out responses against the KL to the
   start at each evaluation (the over-optimisation curve, Gao et al. 2022);
+- `<figures>/<name>_overopt.png` (when lines optimise the proxy ensemble or WARM): the same curve for those
+  lines and the single-proxy line of their algorithm;
 - a Markdown table and a few responses side by side, printed (and to `--markdown` if given).
 """
 
@@ -60,6 +63,12 @@ def compact(result: dict) -> dict:
                                  "compiled_peak_bytes": s.get("compiled_peak_bytes")}
     if "rm_agreement" in stages:
         out["stages"]["rm_agreement"] = stages["rm_agreement"]["summary"]
+    if "proxy_ensemble" in stages:  # held-out accuracy of each member, each rule and WARM
+        s = stages["proxy_ensemble"]["summary"]
+        out["stages"]["proxy_ensemble"] = {
+            "seconds": stages["proxy_ensemble"]["seconds"],
+            **{k: ([m.get("pairwise_accuracy") for m in v] if k == "members" else v.get("pairwise_accuracy"))
+               for k, v in s.items()}}
     keys = ("judge_diff_vs_sft", "proxy_diff_vs_sft", "judge_win_rate", "eos_fraction", "length_mean", "kl_to_sft",
             "judge_mean", "proxy_mean", "harmless_rate_judge", "identical_to_sft", "prompts")
     for name, row in result["lines"].items():
@@ -69,12 +78,31 @@ def compact(result: dict) -> dict:
             line.update(algorithm=rl["algorithm"], tuning=rl["tuning"], steps=rl["steps"],
                         seconds_per_step=rl["seconds_per_step"], rl_seconds=rl["seconds"],
                         compiled_peak_bytes=rl["compiled_peak_bytes"],
-                        rss_peak_bytes_process=rl["rss_peak_bytes_process"])
+                        rss_peak_bytes_process=rl["rss_peak_bytes_process"], reward=reward_of(rl))
         responses = os.path.join(result["workdir"], "eval", name, "responses.jsonl")
         if os.path.exists(responses):
             line["variety"] = response_variety([json.loads(r)["response"] for r in open(responses)])
         out["lines"][name] = line
     return out
+
+
+def reward_of(rl: dict) -> str:
+    """What a line optimised, in words: the proxy, WARM, or the ensemble under its rule."""
+    rule = rl.get("reward_rule")
+    if rule:
+        return f"ensemble {rule['rule']}" + (" (standardised)" if rule.get("standardise") else " (raw)")
+    path = (rl.get("reward_model") or "").rstrip("/")
+    return {"warm": "WARM", "proxy_rm": "proxy"}.get(os.path.basename(path), path or "-")
+
+
+def overoptimisation_lines(result: dict) -> list[str]:
+    """The lines against the ensemble or WARM, and the line of the same algorithm and tuning against the
+    proxy: the single-RM baseline of their over-optimisation curves. Empty without such lines."""
+    rls = {n: r["rl"] for n, r in result["lines"].items() if r.get("rl")}
+    other = [n for n, rl in rls.items() if reward_of(rl) != "proxy"]
+    kinds = {(rls[n]["algorithm"], rls[n]["tuning"]) for n in other}
+    return [n for n, rl in rls.items() if n in other or (reward_of(rl) == "proxy"
+                                                         and (rl["algorithm"], rl["tuning"]) in kinds)]
 
 
 def _metrics(path: str) -> list[dict]:
@@ -94,10 +122,11 @@ def plot_rewards(workdir: str, result: dict, path: str) -> None:
         tr = [(r["step"], r["train/reward_mean"]) for r in m if r.get("train/reward_mean") is not None]
         ax[0].plot(*zip(*tr), label=name, alpha=0.8) if tr else None
         curve = row.get("curve") or []
-        if curve:
-            ax[1].plot([c["step"] for c in curve], [c["proxy"] for c in curve], "o-", label=f"{name} (proxy)")
+        if curve:  # the one proxy for every line (a line with another reward has it as single_proxy)
+            ax[1].plot([c["step"] for c in curve], [c.get("single_proxy", c["proxy"]) for c in curve], "o-",
+                       label=f"{name} (proxy)")
             ax[1].plot([c["step"] for c in curve], [c["judge"] for c in curve], "s--", label=f"{name} (judge)")
-    ax[0].set(title="proxy reward of sampled responses (training)", xlabel="step", ylabel="reward")
+    ax[0].set(title="reward each line optimises, sampled responses (training)", xlabel="step", ylabel="reward")
     ax[1].set(title="greedy responses to held-out prompts", xlabel="step", ylabel="mean reward")
     for a in ax:
         a.legend(fontsize=7)
@@ -107,9 +136,11 @@ def plot_rewards(workdir: str, result: dict, path: str) -> None:
     plt.close(fig)
 
 
-def plot_judge_vs_kl(result: dict, path: str) -> None:
+def plot_judge_vs_kl(result: dict, path: str, lines=None) -> None:
     fig, ax = plt.subplots(figsize=(5.5, 4))
     for name, row in result["lines"].items():
+        if lines is not None and name not in lines:
+            continue
         curve = row.get("curve") or []
         if curve:
             ax.plot([c["kl"] for c in curve], [c["judge"] for c in curve], "o-", label=name)
@@ -143,7 +174,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workdir", required=True)
     p.add_argument("--json", help="where to write the compact results JSON")
-    p.add_argument("--figures", help="folder for the two plots")
+    p.add_argument("--figures", help="folder for the plots")
     p.add_argument("--name", default="hh_rlhf", help="file-name prefix of the plots")
     p.add_argument("--markdown", help="also write the table and responses here")
     args = p.parse_args(argv)
@@ -161,6 +192,9 @@ def main(argv=None):
         os.makedirs(args.figures, exist_ok=True)
         plot_rewards(args.workdir, result, os.path.join(args.figures, f"{args.name}_reward_vs_step.png"))
         plot_judge_vs_kl(result, os.path.join(args.figures, f"{args.name}_judge_vs_kl.png"))
+        overopt = overoptimisation_lines(result)
+        if overopt:
+            plot_judge_vs_kl(result, os.path.join(args.figures, f"{args.name}_overopt.png"), lines=overopt)
     if args.markdown:
         with open(args.markdown, "w") as f:
             f.write(text + "\n")

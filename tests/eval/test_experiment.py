@@ -198,3 +198,20 @@ def test_lines_against_the_proxy_ensemble_and_warm(tmp_path):
         assert [c["step"] for c in rows[name]["curve"]] == [0, 1, 2]
         assert all({"proxy", "judge", "single_proxy"} <= set(c) for c in rows[name]["curve"])
     assert "single_proxy" not in rows["lora_remax"]["curve"][0]
+
+    # the report names each line's reward and plots the over-optimisation lines on their own
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(
+        "report_experiment", os.path.join(os.path.dirname(__file__), "..", "..", "experiments", "report_experiment.py"))
+    report = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(report)
+    out = str(tmp_path / "hh.json")
+    report.main(["--workdir", workdir, "--json", out, "--figures", str(tmp_path / "fig"), "--name", "x"])
+    compact = json.load(open(out))
+    assert {n: compact["lines"][n].get("reward") for n in ("lora_remax", "ens", "warm")} == {
+        "lora_remax": "proxy", "ens": "ensemble min (standardised)", "warm": "WARM"}
+    ens_stage = compact["stages"]["proxy_ensemble"]
+    assert ens_stage["members"] == [m["pairwise_accuracy"] for m in members]
+    assert {"ensemble_mean", "ensemble_min", "warm"} <= set(ens_stage)
+    assert report.overoptimisation_lines(result) == ["ens", "lora_remax", "warm"]
+    assert sorted(os.listdir(tmp_path / "fig")) == ["x_judge_vs_kl.png", "x_overopt.png", "x_reward_vs_step.png"]
