@@ -27,10 +27,12 @@ dequantised W plus the adapters' update.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import qwix
 from flax import nnx
 
@@ -80,15 +82,33 @@ def quantize_kernel(w_IxO, fmt: str) -> tuple[jax.Array, jax.Array]:
 
 
 def dequantize_kernel(codes, scales, fmt: str, dtype=jnp.float32):
-    """The [in, out] kernel that (codes, scales) of format `fmt` stand for, computed in float32, cast to `dtype`."""
-    scales = scales.astype(jnp.float32)
+    """The [in, out] kernel that (codes, scales) of format `fmt` stand for, in `dtype`.
+
+    Computed in `dtype` itself (qwix multiplies in the scales' dtype), so a bfloat16 model never holds a
+    float32 copy of a kernel: on an accelerator that copy is a step temporary the size of the largest
+    projection, twice its bf16 size. The price is rounding: in bf16 the code's value (nf4) or the scale
+    (int8) is rounded before the multiply, which at most doubles the bf16 rounding error of the kernel
+    (int4: identical, its codes and scales are exact in bf16).
+    """
+    scales = scales.astype(dtype)
     if fmt == "int8":
-        return qwix.dequantize(qwix.QArray(codes, scales, qtype=jnp.int8)).astype(dtype)
+        return qwix.dequantize(qwix.QArray(codes, scales, qtype=jnp.int8))
     nibbles = _unpack_nibbles(codes)
     if fmt == "int4":  # sign-extend the nibble: 8..15 stand for -8..-1
         values = jnp.where(nibbles >= 8, nibbles.astype(jnp.int8) - 16, nibbles.astype(jnp.int8))
-        return qwix.dequantize(qwix.QArray(values, scales, qtype=jnp.int4)).astype(dtype)
-    return qwix.dequantize(qwix.QArray(nibbles, scales, qtype="nf4")).astype(dtype)
+        return qwix.dequantize(qwix.QArray(values, scales, qtype=jnp.int4))
+    # nf4: qwix looks the codes up in a float32 table; looking them up in `dtype` keeps the kernel in it
+    values = jnp.asarray(_nf4_values(), dtype)[nibbles]
+    blocks = scales.shape[0]
+    return (values.reshape(blocks, -1, values.shape[1]) * scales[:, None, :]).reshape(values.shape)
+
+
+@functools.cache
+def _nf4_values() -> np.ndarray:
+    """The 16 NormalFloat-4 values, index order, as qwix defines them (float32)."""
+    with jax.ensure_compile_time_eval():  # concrete even when first called inside a trace (eval_shape, jit)
+        ones = qwix.QArray(np.arange(16, dtype=np.uint8).reshape(16, 1), np.ones((1, 1), np.float32), qtype="nf4")
+        return np.asarray(qwix.dequantize(ones))[:, 0]
 
 
 class QuantizedKernel(nnx.Module):

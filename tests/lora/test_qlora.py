@@ -85,6 +85,25 @@ def test_round_trip_error_bounds(fmt):
     assert err.max() > 0.5 * bound.max()  # the bound is not loose by orders of magnitude
 
 
+@pytest.mark.parametrize("fmt", quant.FORMATS)
+def test_bf16_dequantisation_holds_no_float32_kernel_and_rounds_at_most_twice(fmt):
+    """In bf16 the kernel is computed in bf16: no float32 [in, out] array in the computation, and each
+    weight within two bf16 roundings (2 * 2^-8 relative) of the float32 dequantisation; int4 exactly its
+    bf16 rounding (codes and scales are exact in bf16)."""
+    w = jax.random.normal(jax.random.key(2), (192, 40)) * jnp.linspace(0.01, 3.0, 40)
+    codes, scales = quant.quantize_kernel(w, fmt)
+    ref = np.asarray(quant.dequantize_kernel(codes, scales, fmt, jnp.float32))
+    got = quant.dequantize_kernel(codes, scales, fmt, jnp.bfloat16)
+    assert got.dtype == jnp.bfloat16
+    err = np.abs(np.asarray(got, np.float32) - ref)
+    assert (err <= 2 * BF16_ROUNDING * np.abs(ref) + 1e-30).all(), float((err / np.abs(ref).clip(1e-30)).max())
+    if fmt == "int4":
+        np.testing.assert_array_equal(np.asarray(got), ref.astype(jnp.bfloat16))
+    jaxpr = jax.make_jaxpr(lambda c, s: quant.dequantize_kernel(c, s, fmt, jnp.bfloat16))(codes, scales)
+    shapes = {(tuple(v.aval.shape), v.aval.dtype) for eqn in jaxpr.jaxpr.eqns for v in eqn.outvars}
+    assert ((192, 40), jnp.dtype(jnp.float32)) not in shapes and ((192, 40), jnp.dtype(jnp.bfloat16)) in shapes
+
+
 def test_block_size_and_format_errors():
     assert quant.block_size(2048) == 64 and quant.block_size(96) == 32 and quant.block_size(640) == 64
     with pytest.raises(quant.QuantizationError, match="expected one of int8, int4, nf4"):
