@@ -21,6 +21,7 @@ setup(
         "safetensors>=0.4",
         "gguf>=0.17",
         "qwix>=0.1.8",  # weight quantisation of a frozen backbone (TuningConfig.quantize)
+        "tokamax==0.0.12",  # the fused vocabulary cross-entropy (ModelConfig.cross_entropy_impl); 0.0.12 fits jax 0.10
         "tensorflow-datasets>=4.9",
         "numpy>=1.26",
         "tqdm",

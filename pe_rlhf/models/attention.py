@@ -132,6 +132,14 @@ def _splash(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_BxT, *, scale, softcap, win
     return jnp.swapaxes(out_BxNxTxH, 1, 2)[:, :t]
 
 
+def mesh_axes(mesh, logical: str, size: int) -> tuple[str, ...] | None:
+    """The axes of `mesh` the sharding rules map `logical` to, if together they divide `size`; else None."""
+    names = logical_to_spec((logical,))[0]
+    names = tuple(a for a in ((names,) if isinstance(names, str) else names or ()) if a in mesh.shape)
+    ways = math.prod(mesh.shape[a] for a in names)
+    return names if names and size % ways == 0 else None
+
+
 def _per_shard(run, q_BxNxTxH, k_BxKxTxH, v_BxKxTxH, segment_BxT):
     """`run` on each device's rows and heads: XLA cannot partition a Mosaic kernel itself.
 
@@ -141,15 +149,8 @@ def _per_shard(run, q_BxNxTxH, k_BxKxTxH, v_BxKxTxH, segment_BxT):
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or mesh.size == 1:
         return run(q_BxNxTxH, k_BxKxTxH, v_BxKxTxH, segment_BxT)
-
-    def axes(logical, size):
-        names = logical_to_spec((logical,))[0]
-        names = tuple(a for a in ((names,) if isinstance(names, str) else names or ()) if a in mesh.shape)
-        ways = math.prod(mesh.shape[a] for a in names)
-        return names if names and size % ways == 0 else None
-
-    rows = axes("batch", q_BxNxTxH.shape[0])
-    heads = axes("heads", math.gcd(q_BxNxTxH.shape[1], k_BxKxTxH.shape[1]))
+    rows = mesh_axes(mesh, "batch", q_BxNxTxH.shape[0])
+    heads = mesh_axes(mesh, "heads", math.gcd(q_BxNxTxH.shape[1], k_BxKxTxH.shape[1]))
     qkv, seg = P(rows, heads, None, None), P(rows, None)
     return jax.shard_map(run, mesh=mesh, in_specs=(qkv, qkv, qkv, seg), out_specs=qkv,
                          check_vma=False)(q_BxNxTxH, k_BxKxTxH, v_BxKxTxH, segment_BxT)

@@ -26,6 +26,7 @@ SUPPORTED_MODEL_TYPES = {
 
 # How attention is computed (see pe_rlhf.models.attention); "auto" picks per backend.
 ATTENTION_IMPLS = ("auto", "xla", "mosaic_tpu", "cudnn")
+CROSS_ENTROPY_IMPLS = ("auto", "logits", "tokamax_xla", "mosaic_tpu")
 
 
 class UnsupportedModelError(ValueError):
@@ -117,6 +118,7 @@ class ModelConfig:
     eos_token_ids: tuple[int, ...] = ()
     pad_token_id: int | None = None
     attention_impl: str = "auto"  # auto | xla | mosaic_tpu | cudnn: see pe_rlhf.models.attention
+    cross_entropy_impl: str = "auto"  # auto | logits | tokamax_xla | mosaic_tpu: see train.supervised_steps.token_nll
 
     def __post_init__(self):
         if self.family not in set(SUPPORTED_MODEL_TYPES.values()):
@@ -129,6 +131,9 @@ class ModelConfig:
             )
         if self.attention_impl not in ATTENTION_IMPLS:
             raise ValueError(f"attention_impl {self.attention_impl!r} is not one of {', '.join(ATTENTION_IMPLS)}")
+        if self.cross_entropy_impl not in CROSS_ENTROPY_IMPLS:
+            raise ValueError(f"cross_entropy_impl {self.cross_entropy_impl!r} is not one of "
+                             f"{', '.join(CROSS_ENTROPY_IMPLS)}")
         if self.layer_types is not None and len(self.layer_types) != self.num_layers:
             raise ValueError(f"layer_types has {len(self.layer_types)} entries for {self.num_layers} layers")
 

@@ -165,7 +165,9 @@ def compile_for_topology(fn: Callable, abstract_args: Sequence, topology_name: s
     kwargs["in_shardings"] = in_shardings(mesh) if in_shardings else NamedSharding(mesh, PartitionSpec())
     if out_shardings is not None:
         kwargs["out_shardings"] = out_shardings(mesh)
-    with jax.set_mesh(mesh):
+    # the slice's first chip as default device too: kernels that pick their implementation by the default
+    # device (tokamax's ops) then lower for the TPU, not for this host
+    with jax.set_mesh(mesh), jax.default_device(mesh.devices.flat[0]):
         compiled = jax.jit(fn, **kwargs).lower(*abstract_args).compile()
     return compiled, mesh
 

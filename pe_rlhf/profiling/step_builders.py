@@ -11,6 +11,8 @@ compute copy, cast inside the step, as `train.precision` lays them out for train
 - `build_rm_step`: one Bradley-Terry update of a reward model on B pairs x T tokens
   (`train.supervised_steps.train_step` with `pairwise_reward_loss`), the model assembled and
   split as `train_reward_model` does it (`train.supervised.reward_model`, `trainable_filter`).
+- `build_sft_step`: one SFT update (`train.supervised_steps.sft_loss`) on B rows x T tokens, the
+  vocabulary projection with its cross-entropy as `ModelConfig.cross_entropy_impl` says.
 - `build_rl_step`: one `train.policy.rl_step` (reinforce | remax | ppo) on B prompts
   of T tokens with N new tokens. LoRA ("PE") mode is the PE-RLHF layout: ONE
   frozen backbone carries a `policy` adapter, a `reward` adapter + head (and for
@@ -189,6 +191,48 @@ def build_rm_step(cfg: ModelConfig, tuning: TuningConfig = TuningConfig(), *, pa
                  **({} if fused else {"attention_probs_per_layer": rows * cfg.num_heads * seq_len * seq_len * 4}),
                  **_compute_copy_bytes(trainable, precision)}
     return StepSpec(f"rm/{tuning_label(tuning)}{_variant(cfg, fmt)}", step, (trainable, opt_state, frozen, batch),
+                    ("trainable", "opt_state", "frozen", "batch"), (0, 1), cfg.vocab_size, estimates, (BATCH,))
+
+
+def build_sft_step(cfg: ModelConfig, tuning: TuningConfig = TuningConfig(), *, rows: int, seq_len: int,
+                   response_len: int | None = None, frozen_dtype: str = "float32",
+                   optimizer: OptimizerConfig = OptimizerConfig(), quantize: str | None = None,
+                   attention_impl: str | None = None, cross_entropy_impl: str | None = None) -> StepSpec:
+    """One SFT update (`sft_loss`) on `rows` x `seq_len` tokens, as `train_sft` trains: the LoRA adapter
+    `policy` or every weight; with `response_len` the vocabulary projection runs at that many positions
+    per row (`train_sft` passes `DataConfig.max_response_len`), else at every position.
+    `cross_entropy_impl` replaces `cfg.cross_entropy_impl` ("logits", or tokamax's fused "mosaic_tpu")."""
+    dtype = _frozen(frozen_dtype)
+    cfg, tuning, fmt = _options("build_sft_step", cfg, tuning, quantize, attention_impl, frozen_models=False)
+    if cross_entropy_impl is not None:
+        cfg = dataclasses.replace(cfg, cross_entropy_impl=cross_entropy_impl)  # ModelConfig checks the name
+
+    def build():
+        backbone = _transformer(cfg, dtype, 0, tuning.remat, fmt)
+        if tuning.mode == "lora":
+            lora.add_lora(backbone, "policy", tuning.lora)
+        return backbone
+
+    model = nnx.eval_shape(build)
+    graphdef, trainable, frozen = nnx.split(model, trainable_filter(tuning, "policy"), ...)
+    trainable, precision = master_weights(trainable)
+    tx = make_optimizer(optimizer)
+    opt_state = jax.eval_shape(tx.init, trainable)
+    tokens = jax.ShapeDtypeStruct((rows, seq_len), jnp.int32)
+    batch = {"tokens_BxT": tokens, "mask_BxT": tokens, "response_mask_BxT": tokens}
+    loss_fn = functools.partial(supervised_steps.sft_loss, response_window=response_len)
+
+    def step(trainable, opt_state, frozen, batch):
+        return supervised_steps.train_step(trainable, opt_state, frozen, batch, graphdef=graphdef, tx=tx,
+                                           loss_fn=loss_fn, precision=precision)
+
+    positions = response_len or seq_len - 1
+    fused_ce = cfg.cross_entropy_impl not in ("auto", "logits")
+    estimates = {"hidden_per_layer": rows * seq_len * cfg.hidden_size * 4,
+                 **({} if fused_ce else {"logits": rows * positions * cfg.vocab_size * 4}),
+                 **_compute_copy_bytes(trainable, precision)}
+    ce = f" ce={cfg.cross_entropy_impl}" if cfg.cross_entropy_impl != "auto" else ""
+    return StepSpec(f"sft/{tuning_label(tuning)}{_variant(cfg, fmt)}{ce}", step, (trainable, opt_state, frozen, batch),
                     ("trainable", "opt_state", "frozen", "batch"), (0, 1), cfg.vocab_size, estimates, (BATCH,))
 
 

@@ -10,17 +10,21 @@ NumPy/JAX arrays and return (loss, metrics); they are chosen by reference (gin b
 
 from __future__ import annotations
 
+import functools
+import math
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
+from pe_rlhf.models.attention import mesh_axes
 from pe_rlhf.train.precision import Precision
 from pe_rlhf.train.rollout import response_logprobs
 from pe_rlhf.train.supervised_losses import (PREFERENCE_LOSSES, bradley_terry_loss, binary_cross_entropy_loss,
-                                             dpo_loss, ipo_loss, masked_token_loss, next_token_loss)
+                                             dpo_loss, ipo_loss, masked_token_loss)
 
 
 # -- loss functions over a merged module ---------------------------------------------------
@@ -51,8 +55,81 @@ def packed_classification_reward_loss(model, batch, *, span: int):
     return binary_cross_entropy_loss(r_RxP.ravel(), batch["label_RxP"].ravel(), weights_B=batch["valid_RxP"].ravel())
 
 
+def resolve_cross_entropy_impl(impl: str, final_logit_softcap: float | None) -> str:
+    """`ModelConfig.cross_entropy_impl` for the backend computing now: "auto" is tokamax's fused Mosaic
+    kernel on TPU and the logits path elsewhere (and wherever Gemma 2-style final-logit softcapping
+    applies, which the fused kernels do not compute); a fused path named with softcapping is an error."""
+    if impl == "auto":
+        return "mosaic_tpu" if jax.default_backend() == "tpu" and final_logit_softcap is None else "logits"
+    if impl != "logits" and final_logit_softcap is not None:
+        raise ValueError(f"cross_entropy_impl {impl!r}: this model softcaps its final logits "
+                         f"({final_logit_softcap}), which tokamax's fused cross-entropy does not compute; "
+                         "use 'logits' (or 'auto')")
+    return impl
+
+
+FUSED_CE_ROWS = 1024  # tokamax's Mosaic cross-entropy takes rows in blocks of (at least) this many
+
+
+def _tokamax():
+    """tokamax, imported when a fused path first needs it. tokamax reads its options as absl flags and,
+    finding them unparsed, parses the program's own command line, which fails on any flag it does not
+    define (run.py's --gin_file, pytest's -q): its flags are marked parsed first, at their defaults."""
+    from absl import flags
+    import tokamax
+
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+    return tokamax
+
+
+def token_nll(model, h_BxNxD, targets_BxN, mask_BxN):
+    """Mean cross-entropy of `targets` given hidden states `h` (aligned), over positions with `mask`:
+    `masked_token_loss(model.logits(h), ...)`, computed as `model.config.cross_entropy_impl` says.
+
+    "logits" materialises the [B, N, V] float32 logits (on Gemma's 262k vocabulary the largest buffer
+    of an SFT step). "mosaic_tpu" is tokamax's fused `linear_softmax_cross_entropy_loss` (Pallas, TPU):
+    the projection and the log-softmax in VMEM tiles, no logits in HBM; "tokamax_xla" is the same op's
+    XLA reference, for checking it anywhere. The fused op sums the loss over all rows, so rows without
+    a target enter as zero vectors, whose loss is exactly log V (all logits 0) and whose gradient
+    vanishes, and that constant is subtracted.
+    """
+    impl = resolve_cross_entropy_impl(model.config.cross_entropy_impl, model.config.final_logit_softcap)
+    if impl == "logits":
+        return masked_token_loss(model.logits(h_BxNxD), targets_BxN, mask_BxN)
+    tokamax = _tokamax()
+    d = h_BxNxD.shape[-1]
+    mask_R = mask_BxN.reshape(-1).astype(jnp.float32)
+    x_RxD = jnp.where(mask_R[:, None] > 0, h_BxNxD.reshape(-1, d), jnp.zeros((), h_BxNxD.dtype))
+    labels_R = targets_BxN.reshape(-1).astype(jnp.int32)
+    w_DxV = model.embedding[...].T if model.lm_head is None else model.lm_head.kernel[...]
+    op = functools.partial(tokamax.linear_softmax_cross_entropy_loss, reduction="sum",
+                           implementation="xla" if impl == "tokamax_xla" else impl)
+    if impl == "tokamax_xla":
+        total = op(x_RxD, labels_R, w_DxV.astype(x_RxD.dtype))
+    else:
+        # the Mosaic kernel: rows in blocks of 1,024 per device (zero rows, like masked ones, pad them),
+        # and per device under a mesh, since XLA cannot partition it (rows split as `batch` is, W whole)
+        mesh = jax.sharding.get_abstract_mesh()
+        split = None if mesh.empty or mesh.size == 1 else mesh_axes(mesh, "batch", mesh.size)
+        ways = math.prod(mesh.shape[a] for a in split) if split else 1
+        pad = -x_RxD.shape[0] % (FUSED_CE_ROWS * ways)
+        x_RxD, labels_R = jnp.pad(x_RxD, ((0, pad), (0, 0))), jnp.pad(labels_R, (0, pad))
+        mask_R = jnp.pad(mask_R, (0, pad))
+        if split is None:
+            total = op(x_RxD, labels_R, w_DxV.astype(x_RxD.dtype))
+        else:
+            total = jax.shard_map(lambda x, y, w: jax.lax.psum(op(x, y, w), split), mesh=mesh,
+                                  in_specs=(P(split, None), P(split), P(None, None)), out_specs=P(),
+                                  check_vma=False)(x_RxD, labels_R, w_DxV.astype(x_RxD.dtype))
+    count = mask_R.sum()
+    nll = total.astype(jnp.float32) - (mask_R.size - count) * jnp.log(jnp.float32(w_DxV.shape[1]))
+    loss = nll / jnp.maximum(count, 1.0)
+    return loss, {"loss": loss, "tokens": count, "perplexity": jnp.exp(loss)}
+
+
 def sft_loss(model, batch, *, response_window: int | None = None):
-    """Next-token cross-entropy on response tokens of a Transformer.
+    """Next-token cross-entropy on response tokens of a Transformer (`token_nll`).
 
     With `response_window` W (at least the longest response, e.g. `max_response_len`), the
     vocabulary projection runs only at the W positions that predict each row's response, not at
@@ -60,19 +137,17 @@ def sft_loss(model, batch, *, response_window: int | None = None):
     of each row. The loss is the same (the positions left out carry no target).
     """
     tokens_BxT, response_BxT = batch["tokens_BxT"], batch["response_mask_BxT"]
-    if response_window is None:
-        logits_BxTxV = model(tokens_BxT, input_mask_BxT=batch["mask_BxT"].astype(bool))
-        return next_token_loss(logits_BxTxV, tokens_BxT, response_BxT)
     h_BxTxD, _ = model.hidden(tokens_BxT, input_mask_BxT=batch["mask_BxT"].astype(bool))
+    if response_window is None:  # position t predicts token t + 1
+        return token_nll(model, h_BxTxD[:, :-1], tokens_BxT[:, 1:], response_BxT[:, 1:])
     t = tokens_BxT.shape[1]
     start_B = jnp.argmax(response_BxT > 0, axis=1)  # first response token (0 for a row without one)
     target_BxW = start_B[:, None] + jnp.arange(response_window)[None, :]
     inside_BxW = target_BxW < t
     target_BxW = jnp.minimum(target_BxW, t - 1)
     h_BxWxD = jnp.take_along_axis(h_BxTxD, jnp.maximum(target_BxW - 1, 0)[..., None], axis=1)
-    logits_BxWxV = model.logits(h_BxWxD)
     mask_BxW = jnp.take_along_axis(response_BxT, target_BxW, axis=1) * inside_BxW * (start_B > 0)[:, None]
-    return masked_token_loss(logits_BxWxV, jnp.take_along_axis(tokens_BxT, target_BxW, axis=1), mask_BxW)
+    return token_nll(model, h_BxWxD, jnp.take_along_axis(tokens_BxT, target_BxW, axis=1), mask_BxW)
 
 
 def response_sequence_logprobs(model, prompt_BxT, prompt_mask_BxT, tokens_BxN, mask_BxN, *, average: bool = False):
