@@ -172,26 +172,15 @@ def build_rm_step(cfg: ModelConfig, tuning: TuningConfig = TuningConfig(), *, pa
         backbone = _transformer(cfg, dtype, 0, False, fmt)
         return reward_model(backbone, tuning, "reward")
 
-    model = nnx.eval_shape(build)
-    graphdef, trainable, frozen = nnx.split(model, trainable_filter(tuning, "reward"), ...)
-    trainable, precision = master_weights(trainable)
-    tx = make_optimizer(optimizer)
-    opt_state = jax.eval_shape(tx.init, trainable)
     tokens = jax.ShapeDtypeStruct((pairs, seq_len), jnp.int32)
     batch = {"chosen_tokens_BxT": tokens, "rejected_tokens_BxT": tokens,
              "chosen_mask_BxT": tokens, "rejected_mask_BxT": tokens}
-
-    def step(trainable, opt_state, frozen, batch):
-        return supervised_steps.train_step(trainable, opt_state, frozen, batch, graphdef=graphdef, tx=tx,
-                                           loss_fn=supervised_steps.pairwise_reward_loss, precision=precision)
-
     rows = 2 * pairs
     fused = cfg.attention_impl in FUSED_IMPLS  # no [rows, N, T, T] probabilities are stored
     estimates = {"hidden_per_layer": rows * seq_len * cfg.hidden_size * 4,
-                 **({} if fused else {"attention_probs_per_layer": rows * cfg.num_heads * seq_len * seq_len * 4}),
-                 **_compute_copy_bytes(trainable, precision)}
-    return StepSpec(f"rm/{tuning_label(tuning)}{_variant(cfg, fmt)}", step, (trainable, opt_state, frozen, batch),
-                    ("trainable", "opt_state", "frozen", "batch"), (0, 1), cfg.vocab_size, estimates, (BATCH,))
+                 **({} if fused else {"attention_probs_per_layer": rows * cfg.num_heads * seq_len * seq_len * 4})}
+    return _supervised_spec(f"rm/{tuning_label(tuning)}{_variant(cfg, fmt)}", build, trainable_filter(tuning, "reward"),
+                            optimizer, supervised_steps.pairwise_reward_loss, batch, cfg, estimates)
 
 
 def build_sft_step(cfg: ModelConfig, tuning: TuningConfig = TuningConfig(), *, rows: int, seq_len: int,
@@ -213,27 +202,33 @@ def build_sft_step(cfg: ModelConfig, tuning: TuningConfig = TuningConfig(), *, r
             lora.add_lora(backbone, "policy", tuning.lora)
         return backbone
 
-    model = nnx.eval_shape(build)
-    graphdef, trainable, frozen = nnx.split(model, trainable_filter(tuning, "policy"), ...)
+    tokens = jax.ShapeDtypeStruct((rows, seq_len), jnp.int32)
+    batch = {"tokens_BxT": tokens, "mask_BxT": tokens, "response_mask_BxT": tokens}
+    positions = response_len or seq_len - 1
+    fused_ce = cfg.cross_entropy_impl not in ("auto", "logits")
+    estimates = {"hidden_per_layer": rows * seq_len * cfg.hidden_size * 4,
+                 **({} if fused_ce else {"logits": rows * positions * cfg.vocab_size * 4})}
+    ce = f" ce={cfg.cross_entropy_impl}" if cfg.cross_entropy_impl != "auto" else ""
+    return _supervised_spec(f"sft/{tuning_label(tuning)}{_variant(cfg, fmt)}{ce}", build,
+                            trainable_filter(tuning, "policy"), optimizer,
+                            functools.partial(supervised_steps.sft_loss, response_window=response_len), batch, cfg,
+                            estimates)
+
+
+def _supervised_spec(name: str, build: Callable, filter_, optimizer: OptimizerConfig, loss_fn: Callable, batch: dict,
+                     cfg: ModelConfig, estimates: dict[str, int]) -> StepSpec:
+    """The `supervised_steps.train_step` of the model `build()` makes (from shapes), `filter_` training."""
+    graphdef, trainable, frozen = nnx.split(nnx.eval_shape(build), filter_, ...)
     trainable, precision = master_weights(trainable)
     tx = make_optimizer(optimizer)
     opt_state = jax.eval_shape(tx.init, trainable)
-    tokens = jax.ShapeDtypeStruct((rows, seq_len), jnp.int32)
-    batch = {"tokens_BxT": tokens, "mask_BxT": tokens, "response_mask_BxT": tokens}
-    loss_fn = functools.partial(supervised_steps.sft_loss, response_window=response_len)
 
     def step(trainable, opt_state, frozen, batch):
         return supervised_steps.train_step(trainable, opt_state, frozen, batch, graphdef=graphdef, tx=tx,
                                            loss_fn=loss_fn, precision=precision)
 
-    positions = response_len or seq_len - 1
-    fused_ce = cfg.cross_entropy_impl not in ("auto", "logits")
-    estimates = {"hidden_per_layer": rows * seq_len * cfg.hidden_size * 4,
-                 **({} if fused_ce else {"logits": rows * positions * cfg.vocab_size * 4}),
-                 **_compute_copy_bytes(trainable, precision)}
-    ce = f" ce={cfg.cross_entropy_impl}" if cfg.cross_entropy_impl != "auto" else ""
-    return StepSpec(f"sft/{tuning_label(tuning)}{_variant(cfg, fmt)}{ce}", step, (trainable, opt_state, frozen, batch),
-                    ("trainable", "opt_state", "frozen", "batch"), (0, 1), cfg.vocab_size, estimates, (BATCH,))
+    return StepSpec(name, step, (trainable, opt_state, frozen, batch), ("trainable", "opt_state", "frozen", "batch"),
+                    (0, 1), cfg.vocab_size, {**estimates, **_compute_copy_bytes(trainable, precision)}, (BATCH,))
 
 
 def build_rl_step(cfg: ModelConfig, tuning: TuningConfig = TuningConfig(), *, algorithm: str = "remax",

@@ -75,6 +75,17 @@ def test_run_stage_skips_finished_and_reruns_unfinished(tmp_path):
 
 
 # -- the whole experiment on a tiny model ----------------------------------------------------------------
+def _report_module():
+    """experiments/report_experiment.py, imported from its path."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "report_experiment", os.path.join(os.path.dirname(__file__), "..", "..", "experiments", "report_experiment.py"))
+    report = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(report)
+    return report
+
+
 def _jobs():
     data = DataConfig(max_prompt_len=40, max_response_len=32, eval_size=8)
     lora = TuningConfig(mode="lora", lora=LoRAConfig(rank=4, alpha=8.0))
@@ -137,11 +148,7 @@ def test_experiment_runs_resumes_and_repairs_a_half_written_stage(tmp_path):
     assert again["lines"]["lora_remax"]["judge_diff_vs_sft"] == row["judge_diff_vs_sft"]
 
     # the report: the compact JSON holds the same figures as the workdir's summary, and both plots exist
-    import importlib.util
-    spec = importlib.util.spec_from_file_location(
-        "report_experiment", os.path.join(os.path.dirname(__file__), "..", "..", "experiments", "report_experiment.py"))
-    report = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(report)
+    report = _report_module()
     out = str(tmp_path / "hh.json")
     report.main(["--workdir", workdir, "--json", out, "--figures", str(tmp_path / "fig"), "--name", "x"])
     compact = json.load(open(out))
@@ -200,11 +207,7 @@ def test_lines_against_the_proxy_ensemble_and_warm(tmp_path):
     assert "single_proxy" not in rows["lora_remax"]["curve"][0]
 
     # the report names each line's reward and plots the over-optimisation lines on their own
-    import importlib.util
-    spec = importlib.util.spec_from_file_location(
-        "report_experiment", os.path.join(os.path.dirname(__file__), "..", "..", "experiments", "report_experiment.py"))
-    report = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(report)
+    report = _report_module()
     out = str(tmp_path / "hh.json")
     report.main(["--workdir", workdir, "--json", out, "--figures", str(tmp_path / "fig"), "--name", "x"])
     compact = json.load(open(out))
