@@ -95,7 +95,7 @@ def train_loop(workdir: str, loop: LoopConfig, job: Job) -> tuple[dict, dict]:
         ckpt.close()
         raise
     final = job.evaluate(state, loop.num_steps)
-    writer.write(loop.num_steps, final, prefix="eval")
+    writer.rewrite(loop.num_steps, final, prefix="eval")  # once, even when resumed at the last step
     summary = {"step": loop.num_steps, **{f"eval/{k}": v for k, v in final.items()},
                "skipped_steps": nonfinite_updates(state["opt_state"])[1], "batch_size": loop.batch_size,
                "compiled_peak_bytes": job.memory.compiled.peak_bytes if job.memory is not None else None,

@@ -18,8 +18,12 @@ def _scalar(v):
     return float(v) if v.size == 1 else None
 
 
-def truncate_metrics(path: str, last_step: int) -> int:
-    """Drop the lines of `path` logged after `last_step` (a resumed run logs them again); returns how many."""
+def truncate_metrics(path: str, last_step: int, *, drop_prefix_at: str | None = None) -> int:
+    """Drop the lines of `path` logged after `last_step` (a resumed run logs them again); returns how many.
+
+    With `drop_prefix_at` (e.g. "eval/"), the lines AT `last_step` whose every metric has that prefix go
+    too: what the run is about to log again there (its final evaluation, on a resume at its last step).
+    """
     if not os.path.isfile(path):
         return 0
     with open(path) as f:
@@ -27,10 +31,13 @@ def truncate_metrics(path: str, last_step: int) -> int:
     keep = []
     for line in lines:
         try:
-            step = json.loads(line)["step"]
+            row = json.loads(line)
+            step = row["step"]
         except (ValueError, KeyError, TypeError):  # a line cut by a kill mid-write
             continue
-        if step <= last_step:
+        again = (drop_prefix_at is not None and step == last_step and len(row) > 1
+                 and all(k.startswith(drop_prefix_at) for k in row if k != "step"))
+        if step <= last_step and not again:
             keep.append(line if line.endswith("\n") else line + "\n")
     if len(keep) != len(lines):
         tmp = f"{path}.tmp-{os.getpid()}"
@@ -60,6 +67,16 @@ class MetricsWriter:
 
             purge = None if resume_step is None else resume_step + 1
             self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=purge)
+
+    def rewrite(self, step: int, metrics: dict, prefix: str) -> dict:
+        """`write`, first dropping the rows of only `prefix` metrics already logged at `step` (the final
+        evaluation of a run resumed at its last step, or one that evaluated there in training)."""
+        if self.active:
+            self._jsonl.close()
+            path = os.path.join(self.workdir, "metrics.jsonl")
+            truncate_metrics(path, step, drop_prefix_at=f"{prefix}/")
+            self._jsonl = open(path, "a")
+        return self.write(step, metrics, prefix=prefix)
 
     def write(self, step: int, metrics: dict, prefix: str = "train") -> dict:
         scalars = {f"{prefix}/{k}": s for k, v in metrics.items() if (s := _scalar(v)) is not None}

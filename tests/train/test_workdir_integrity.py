@@ -85,10 +85,23 @@ def test_resumed_metrics_log_every_step_once(tmp_path):
     assert summary["step"] == 4
 
 
+def test_a_run_resumed_at_its_last_step_logs_its_final_evaluation_once(tmp_path):
+    train(tmp_path, steps=4)
+    first = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    assert train(tmp_path, steps=4)["step"] == 4  # resumed at step 4: nothing to train, evaluated again
+    rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    evals = [r for r in rows if "eval/pairwise_accuracy" in r]
+    assert [r["step"] for r in evals] == [4]
+    assert [r for r in rows if "train/loss" in r] == [r for r in first if "train/loss" in r]
+
+
 def test_truncate_metrics_drops_later_steps_and_torn_lines(tmp_path):
     path = tmp_path / "metrics.jsonl"
     path.write_text('{"step": 1, "a": 1}\n{"step": 2, "a": 2}\n{"step": 3, "a": 3}\n{"step": 4, "a"')
     assert truncate_metrics(str(path), 2) == 2
+    assert path.read_text() == '{"step": 1, "a": 1}\n{"step": 2, "a": 2}\n'
+    path.write_text('{"step": 1, "a": 1}\n{"step": 2, "a": 2}\n{"step": 2, "eval/x": 1, "eval/y": 2}\n')
+    assert truncate_metrics(str(path), 2, drop_prefix_at="eval/") == 1  # the eval row at step 2 only
     assert path.read_text() == '{"step": 1, "a": 1}\n{"step": 2, "a": 2}\n'
 
 
