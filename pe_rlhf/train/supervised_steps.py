@@ -55,10 +55,25 @@ def packed_classification_reward_loss(model, batch, *, span: int):
     return binary_cross_entropy_loss(r_RxP.ravel(), batch["label_RxP"].ravel(), weights_B=batch["valid_RxP"].ravel())
 
 
+def fused_cross_entropy_pays(rows_per_device: int, hidden: int, dtype_bytes: int) -> bool:
+    """Whether tokamax's fused cross-entropy should need less HBM than the logits path.
+
+    The logits path holds about four [rows, V] float32 buffers per device at its peak (logits,
+    log-softmax, their gradients); the fused kernel holds none but takes the [D, V] projection whole
+    on each device and writes its float32 gradient, (4 + dtype bytes) x D x V. So the kernel pays when
+    16 x rows > (4 + dtype bytes) x D. (Calibrated on four AOT plans, v5p:2x2x1, 8 rows: gemma3-1b
+    with 512 and 2,047 positions and llama3-8b with 2,047, where it pays, and llama3-8b with 512, where
+    it does not; docs/results.md.)
+    """
+    return 16 * rows_per_device > (4 + dtype_bytes) * hidden
+
+
 def resolve_cross_entropy_impl(impl: str, final_logit_softcap: float | None) -> str:
     """`ModelConfig.cross_entropy_impl` for the backend computing now: "auto" is tokamax's fused Mosaic
     kernel on TPU and the logits path elsewhere (and wherever Gemma 2-style final-logit softcapping
-    applies, which the fused kernels do not compute); a fused path named with softcapping is an error."""
+    applies, which the fused kernels do not compute); a fused path named with softcapping is an error.
+    `token_nll` further keeps "auto" on the logits path when the fused kernel would not pay
+    (`fused_cross_entropy_pays`)."""
     if impl == "auto":
         return "mosaic_tpu" if jax.default_backend() == "tpu" and final_logit_softcap is None else "logits"
     if impl != "logits" and final_logit_softcap is not None:
@@ -95,6 +110,13 @@ def token_nll(model, h_BxNxD, targets_BxN, mask_BxN):
     vanishes, and that constant is subtracted.
     """
     impl = resolve_cross_entropy_impl(model.config.cross_entropy_impl, model.config.final_logit_softcap)
+    if impl == "mosaic_tpu" and model.config.cross_entropy_impl == "auto":
+        mesh = jax.sharding.get_abstract_mesh()
+        split = None if mesh.empty or mesh.size == 1 else mesh_axes(mesh, "batch", mesh.size)
+        ways = math.prod(mesh.shape[a] for a in split) if split else 1
+        rows = math.prod(targets_BxN.shape) // ways
+        if not fused_cross_entropy_pays(rows, h_BxNxD.shape[-1], jnp.dtype(h_BxNxD.dtype).itemsize):
+            impl = "logits"
     if impl == "logits":
         return masked_token_loss(model.logits(h_BxNxD), targets_BxN, mask_BxN)
     tokamax = _tokamax()

@@ -56,6 +56,16 @@ def test_fused_cross_entropy_equals_the_logits_path_in_loss_and_gradient(tied, w
         np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=2e-5 * float(np.abs(a).max()) + 1e-7)
 
 
+def test_auto_takes_the_fused_kernel_where_the_aot_plans_say_it_pays():
+    """The four v5p:2x2x1 plans of docs/results.md (8 rows, bf16, 4 chips): rows per chip and hidden size."""
+    from pe_rlhf.train.supervised_steps import fused_cross_entropy_pays
+
+    assert fused_cross_entropy_pays(8 * 2047 // 4, 1152, 2)  # gemma3-1b, every position: 20.97 -> 2.66 GiB
+    assert fused_cross_entropy_pays(8 * 512 // 4, 1152, 2)  # gemma3-1b, 512 positions: 5.94 -> 2.62 GiB
+    assert fused_cross_entropy_pays(8 * 2047 // 4, 4096, 2)  # llama3-8b, every position: 16.62 -> 9.54 GiB
+    assert not fused_cross_entropy_pays(8 * 512 // 4, 4096, 2)  # llama3-8b, 512 positions: 8.23 -> 9.63 GiB
+
+
 def test_masked_rows_add_nothing_and_choices_are_checked():
     model = _model(True, "tokamax_xla")
     h = jax.random.normal(jax.random.key(0), (2, 5, model.config.hidden_size))
