@@ -354,13 +354,13 @@ def collect(workdir: str) -> dict:
             metrics = [json.loads(line) for line in open(d("rl", name, "metrics.jsonl"))]
             rates = [m["train/examples_per_s"] for m in metrics if m.get("train/examples_per_s")]
             batch = s.get("batch_size")
+            info = _read(d("rl", name, "run_info.json")) or {}
             row["rl"] = {"algorithm": s.get("algorithm"), "tuning": s.get("tuning"), "steps": s.get("step"),
                          "seconds": rl["seconds"], "compiled_peak_bytes": s.get("compiled_peak_bytes"),
                          "rss_peak_bytes_process": s.get("rss_peak_bytes_process"),
                          "median_examples_per_s": float(np.median(rates)) if rates else None,
                          "seconds_per_step": (batch / float(np.median(rates))) if rates and batch else None,
-                         **{k: (_read(d("rl", name, "run_info.json")) or {}).get(k)
-                            for k in ("reward_model", "reward_rule")}}
+                         **{k: info.get(k) for k in ("reward_model", "reward_rule")}}
             row["curve"] = _read(d("eval", name, "curve.json"))
         out["lines"][name] = row
     return out

@@ -89,13 +89,15 @@ def write_warm(workdir: str, backbone, members: list[RewardModel], member_workdi
     return warm
 
 
-def _check_first_members(first_members, members: int, model: str, tuning: TuningConfig, adapter: str) -> list[str]:
-    """`first_members` as absolute workdirs, refused unless each is a finished LoRA reward model on `model`."""
+def _check_first_members(first_members, members: int, model: str, tuning: TuningConfig,
+                         adapter: str) -> dict[str, int | None]:
+    """{absolute workdir: examples it held out} of `first_members`, refused unless each is a finished LoRA
+    reward model on `model`."""
     dirs = [os.path.abspath(d) for d in first_members]
     if len(dirs) >= members:
         raise ValueError(f"train_reward_ensemble: {len(dirs)} first_members for members={members}; the ensemble "
                          "would train none (use fewer first members or more members)")
-    names = []
+    names, held = [], {}
     for k, d in enumerate(dirs):
         where = f"train_reward_ensemble.first_members[{k}] ({d})"
         info = read_run_info(d)
@@ -113,13 +115,14 @@ def _check_first_members(first_members, members: int, model: str, tuning: Tuning
         if not os.path.isdir(os.path.join(d, "checkpoints")):
             raise ValueError(f"{where}: no checkpoints/ to restore its adapter from")
         names.append(info["adapter"])
+        held[d] = info.get("eval_examples")
     trained = [f"{adapter}_{k}" for k in range(len(dirs), members)]
     clash = sorted({n for n in names if names.count(n) > 1 or n in trained})
     if clash:
         raise ValueError(f"train_reward_ensemble: adapter name(s) {clash} used twice among the first members "
                          f"({names}) and the ones to train ({trained}); every member needs its own adapter on the "
                          "shared backbone (set train_reward_ensemble.adapter to another prefix)")
-    return dirs
+    return held
 
 
 def train_reward_ensemble(*, workdir: str, dataset: D.Loaded, members: int = 4, model: str = "tiny",
@@ -144,7 +147,8 @@ def train_reward_ensemble(*, workdir: str, dataset: D.Loaded, members: int = 4, 
                          "adapters on one frozen backbone, so use mode='lora'")
     if not isinstance(members, int) or members < 2:
         raise ValueError(f"train_reward_ensemble: members={members!r}; an ensemble needs at least 2")
-    reused = _check_first_members(first_members, members, model, tuning, adapter)
+    reused_held = _check_first_members(first_members, members, model, tuning, adapter)
+    reused = list(reused_held)
     dirs = reused + [os.path.join(workdir, "members", str(k)) for k in range(len(reused), members)]
     # MEMBERS: ordinary reward-model runs, each skipped when done and resumed when interrupted
     for k, d in enumerate(dirs[len(reused):], start=len(reused)):
@@ -152,18 +156,19 @@ def train_reward_ensemble(*, workdir: str, dataset: D.Loaded, members: int = 4, 
                   optimizer=optimizer, loop=dataclasses.replace(loop, seed=loop.seed + k), data=data,
                   center_coef=center_coef, adapter=f"{adapter}_{k}")
 
-    # WARM and the ensemble, on one backbone
+    # the held-out part every member held out (a first member that held out another is refused before WARM)
     backbone, tokenizer = load_backbone(model, dtype, quantize=tuning.quantize)  # as the members trained
+    rd = reward_data(dataset, tokenizer, data, loop, center_coef)
+    for d, n in reused_held.items():
+        if n != len(rd.eval_items):
+            raise ValueError(f"train_reward_ensemble.first_members: {d} held out {n} examples, the ensemble's data "
+                             f"holds out {len(rd.eval_items)}; members must share the held-out part")
+
+    # WARM and the ensemble, on one backbone
     rms = restore_members(backbone, dirs)
     warm = write_warm(os.path.join(workdir, WARM), backbone, rms, dirs)
 
-    # EVALUATION: the held-out part every member held out
-    rd = reward_data(dataset, tokenizer, data, loop, center_coef)
-    held = len(rd.eval_items)
-    for d in reused:
-        if read_run_info(d).get("eval_examples") != held:
-            raise ValueError(f"train_reward_ensemble.first_members: {d} held out {read_run_info(d).get('eval_examples')} "
-                             f"examples, the ensemble's data holds out {held}; members must share the held-out part")
+    # EVALUATION
     scores = [rd.eval_scores(*nnx.split(m, trainable_filter(tuning, m.adapters[0]), ...), loop) for m in rms]
     a_KxN = np.stack([s[0] for s in scores])
     b_KxN = np.stack([s[1] for s in scores])

@@ -93,8 +93,9 @@ def attach_reward_model(backbone, tokenizer, rm_workdir: str, *, policy_model: s
             raise RewardModelMismatch(
                 f"{rm_workdir}/run_info.json has no member_stats (the members' held-out means and stds), which "
                 f"the rule {rule} needs to standardise their scores: it was written before they were recorded. "
-                "Delete the workdir's DONE and summary.json and run train_reward_ensemble again (the members are "
-                "kept, only the scoring reruns), or use EnsembleRule(standardise=False) for raw scores")
+                "Run train_reward_ensemble on it again (finished members are skipped: only WARM and the scoring "
+                "rerun; inside a staged experiment, delete its DONE first), or use EnsembleRule(standardise=False) "
+                "for raw scores")
         members = restore_members(rm_backbone, member_dirs(rm_workdir, info))
         print(f"reward ensemble from {rm_workdir}: {len(members)} members, rule {rule.rule}"
               f"{f' (penalty {rule.penalty:g})' if rule.rule == 'mean_minus_std' else ''}"

@@ -110,10 +110,11 @@ def token_nll(model, h_BxNxD, targets_BxN, mask_BxN):
     vanishes, and that constant is subtracted.
     """
     impl = resolve_cross_entropy_impl(model.config.cross_entropy_impl, model.config.final_logit_softcap)
+    # under a mesh the Mosaic kernel runs per device, on the rows the `batch` axes give each
+    mesh = jax.sharding.get_abstract_mesh()
+    split = None if mesh.empty or mesh.size == 1 else mesh_axes(mesh, "batch", mesh.size)
+    ways = math.prod(mesh.shape[a] for a in split) if split else 1
     if impl == "mosaic_tpu" and model.config.cross_entropy_impl == "auto":
-        mesh = jax.sharding.get_abstract_mesh()
-        split = None if mesh.empty or mesh.size == 1 else mesh_axes(mesh, "batch", mesh.size)
-        ways = math.prod(mesh.shape[a] for a in split) if split else 1
         rows = math.prod(targets_BxN.shape) // ways
         if not fused_cross_entropy_pays(rows, h_BxNxD.shape[-1], jnp.dtype(h_BxNxD.dtype).itemsize):
             impl = "logits"
@@ -132,9 +133,6 @@ def token_nll(model, h_BxNxD, targets_BxN, mask_BxN):
     else:
         # the Mosaic kernel: rows in blocks of 1,024 per device (zero rows, like masked ones, pad them),
         # and per device under a mesh, since XLA cannot partition it (rows split as `batch` is, W whole)
-        mesh = jax.sharding.get_abstract_mesh()
-        split = None if mesh.empty or mesh.size == 1 else mesh_axes(mesh, "batch", mesh.size)
-        ways = math.prod(mesh.shape[a] for a in split) if split else 1
         pad = -x_RxD.shape[0] % (FUSED_CE_ROWS * ways)
         x_RxD, labels_R = jnp.pad(x_RxD, ((0, pad), (0, 0))), jnp.pad(labels_R, (0, pad))
         mask_R = jnp.pad(mask_R, (0, pad))
