@@ -17,7 +17,8 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from pe_rlhf.models.config import ModelConfig  # noqa: E402
-from pe_rlhf.profiling.step_builders import build_rm_step, measure_step  # noqa: E402
+from pe_rlhf.profiling.measure import measure_step  # noqa: E402
+from pe_rlhf.profiling.step_builders import build_rm_step  # noqa: E402
 
 
 def small_config(family: str) -> ModelConfig:

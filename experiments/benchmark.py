@@ -104,6 +104,7 @@ def attention_path(impl: str, cfg) -> str:
 def run_row(args, preset_name: str, cfg, tuning, frozen_dtype: str, stage: str, quantize: str,
             attention: str) -> dict:
     from pe_rlhf.profiling import step_builders
+    from pe_rlhf.profiling.measure import measure_step
 
     options = dict(frozen_dtype=frozen_dtype, quantize=None if quantize == "none" else quantize,
                    attention_impl=attention)
@@ -114,7 +115,7 @@ def run_row(args, preset_name: str, cfg, tuning, frozen_dtype: str, stage: str, 
                                            prompt_len=args.prompt_len, new_tokens=args.new_tokens,
                                            ppo_epochs=args.ppo_epochs, **options)
     timed = args.local and args.time_iters > 0 and (args.time_presets is None or preset_name in args.time_presets)
-    report = step_builders.measure_step(spec, topology=args.topology, time_iters=args.time_iters if timed else 0)
+    report = measure_step(spec, topology=args.topology, time_iters=args.time_iters if timed else 0)
     return dict(report.as_dict(), preset=preset_name, tuning=_label(tuning), stage=stage,
                 rank=None if tuning.mode == "full" else tuning.lora.rank, frozen_dtype=frozen_dtype,
                 quantize=quantize, attention=attention, setup=row_setup(args, stage))

@@ -39,7 +39,8 @@ def main(argv=None) -> list[dict]:
 
     from pe_rlhf.models.config import preset
     from pe_rlhf.models.lora import LoRAConfig
-    from pe_rlhf.profiling.step_builders import build_sft_step, measure_step
+    from pe_rlhf.profiling.measure import measure_step
+    from pe_rlhf.profiling.step_builders import build_sft_step
     from pe_rlhf.train.config import TuningConfig
 
     tuning = TuningConfig(mode="lora", remat=True,

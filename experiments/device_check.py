@@ -97,6 +97,7 @@ def _tuning(task):
 def run_train_step(task) -> dict:
     """rm_lora | rm_full | remax_lora | ppo_full: built by `step_builders`, compiled, timed on random arrays."""
     from pe_rlhf.profiling import flops, step_builders
+    from pe_rlhf.profiling.measure import measure_step
 
     s, cfg, tuning = task["shapes"], _config(task), _tuning(task)
     full = tuning.mode == "full"
@@ -110,7 +111,7 @@ def run_train_step(task) -> dict:
         spec = step_builders.build_rl_step(cfg, tuning, algorithm=algorithm, ppo_epochs=s["ppo_epochs"],
                                            frozen_dtype="bfloat16", **shape)
         model_flops = flops.rl_step_flops(cfg, algorithm=algorithm, full=full, ppo_epochs=s["ppo_epochs"], **shape)
-    report = step_builders.measure_step(spec, time_iters=task["iters"])
+    report = measure_step(spec, time_iters=task["iters"])
     return {"compile_s": report.compile_s, "median_step_s": report.median_step_s,
             "compiled_peak_bytes": report.peak_bytes, "xla_flops": report.flops, "model_flops": model_flops,
             "arg_bytes": report.arg_bytes}
@@ -127,7 +128,7 @@ def run_sampler(task) -> dict:
     from pe_rlhf.profiling.memory import lower_and_compile
     from pe_rlhf.profiling.timing import time_step
     from pe_rlhf.sampling import sample
-    from pe_rlhf.profiling.step_builders import compiled_flops
+    from pe_rlhf.profiling.measure import compiled_flops
     from pe_rlhf.sharding.memory import compiled_memory
 
     s, cfg = task["shapes"], _config(task)

@@ -8,7 +8,7 @@ Attention scores (q k^T, p v), norms and elementwise work are not counted; neith
 (remat, the chunked log-probs' `jax.checkpoint`). `body` is the decoder blocks' projections; `head`
 the vocabulary projection (V x D), counted only at positions whose logits are computed.
 
-XLA's own count (`step_builders.compiled_flops`) counts a while loop's or scan's body once, so for the
+XLA's own count (`measure.compiled_flops`) counts a while loop's or scan's body once, so for the
 sampler and RL steps (decode loop, PPO epochs) it is far below what runs; these counts do not have
 that gap.
 """

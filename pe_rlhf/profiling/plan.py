@@ -18,6 +18,7 @@ from pe_rlhf.checkpoints.hf import load_hf_config
 from pe_rlhf.models.config import PRESETS, ModelConfig, from_hf_config
 from pe_rlhf.models.tiny import tiny_config
 from pe_rlhf.profiling import step_builders as S
+from pe_rlhf.profiling.measure import StepReport, measure_step
 from pe_rlhf.train.config import LoopConfig, TuningConfig
 from pe_rlhf.train.optim import OptimizerConfig
 
@@ -38,7 +39,7 @@ def model_config(source: str) -> ModelConfig:
 
 def plan_step(*, stage: str, model: str, tuning: TuningConfig, batch_size: int, prompt_len: int,
               response_len: int, target: str, dtype: str = "float32", algorithm: str = "remax",
-              optimizer: OptimizerConfig = OptimizerConfig()) -> S.StepReport:
+              optimizer: OptimizerConfig = OptimizerConfig()) -> StepReport:
     """Compile the step of `stage` ('reward_model' or 'rl') for `target` ('local' or a topology such as v5e:2x2).
 
     `dtype` is the job's: the frozen weights' dtype, and when fully tuning the compute copy of the fp32
@@ -53,7 +54,7 @@ def plan_step(*, stage: str, model: str, tuning: TuningConfig, batch_size: int, 
                                prompt_len=prompt_len, new_tokens=response_len, optimizer=optimizer)
     else:
         raise ValueError(f"plan_step: stage {stage!r}; ahead-of-time planning covers 'reward_model' and 'rl'")
-    return S.measure_step(spec, topology=None if target == "local" else target)
+    return measure_step(spec, topology=None if target == "local" else target)
 
 
 def plan_report(workdir: str, *, target: str, stage: str, model: str, dtype: str, tuning: TuningConfig,

@@ -13,7 +13,8 @@ from pe_rlhf.models import ModelConfig, Transformer
 from pe_rlhf.profiling import (
     GENERATIONS, TopologyError, aot_memory_report, hbm_bytes_per_device, parse_topology, topology,
 )
-from pe_rlhf.profiling.step_builders import build_rm_step, compile_step
+from pe_rlhf.profiling.measure import compile_step
+from pe_rlhf.profiling.step_builders import build_rm_step
 from pe_rlhf.sharding import MeshConfig, batch_shardings, make_mesh, state_shardings
 
 GIB = 1 << 30

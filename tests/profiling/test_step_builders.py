@@ -14,8 +14,8 @@ from pe_rlhf.models import lora
 from pe_rlhf.models.heads import RewardModel
 from pe_rlhf.models.tiny import tiny_config
 from pe_rlhf.models.transformer import Transformer
-from pe_rlhf.profiling.step_builders import (build_rl_step, build_rm_step, concrete_args, measure_step, reported_usage,
-                                            tree_bytes)
+from pe_rlhf.profiling.measure import concrete_args, measure_step, reported_usage
+from pe_rlhf.profiling.step_builders import build_rl_step, build_rm_step, tree_bytes
 from pe_rlhf.train.config import TuningConfig
 from pe_rlhf.train.optim import OptimizerConfig, make_optimizer
 from pe_rlhf.train.policy import RLModules

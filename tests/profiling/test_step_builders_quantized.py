@@ -11,7 +11,8 @@ import pytest
 from pe_rlhf.models import lora
 from pe_rlhf.models.quant import QuantizedWeight
 from pe_rlhf.models.tiny import tiny_config
-from pe_rlhf.profiling.step_builders import build_rl_step, build_rm_step, compile_step
+from pe_rlhf.profiling.measure import compile_step
+from pe_rlhf.profiling.step_builders import build_rl_step, build_rm_step
 from pe_rlhf.sharding.memory import compiled_memory
 from pe_rlhf.train.config import TuningConfig
 

@@ -20,7 +20,8 @@ from pe_rlhf.checkpoints.orbax_io import RunCheckpointer
 from pe_rlhf.data import toy
 from pe_rlhf.models import lora
 from pe_rlhf.models.tiny import tiny_config, tiny_model
-from pe_rlhf.profiling.step_builders import build_rl_step, build_rm_step, compile_step, concrete_args
+from pe_rlhf.profiling.measure import compile_step, concrete_args
+from pe_rlhf.profiling.step_builders import build_rl_step, build_rm_step
 from pe_rlhf.train import supervised_steps
 from pe_rlhf.train.optim import OptimizerConfig, make_optimizer
 from pe_rlhf.train.precision import Precision, master_weights

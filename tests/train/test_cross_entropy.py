@@ -94,7 +94,8 @@ needs_libtpu = pytest.mark.skipif(
 def test_fused_sft_step_compiles_for_tpu_with_the_mosaic_kernel():
     """tokamax's Mosaic cross-entropy in an SFT step AOT-compiled for v5e:2x2 (rows split over the 4 chips,
     1,020 rows padded to 4 x 1,024); the logits path has no such kernel and holds the [rows, V] logits."""
-    from pe_rlhf.profiling.step_builders import build_sft_step, compile_step
+    from pe_rlhf.profiling.measure import compile_step
+    from pe_rlhf.profiling.step_builders import build_sft_step
     from pe_rlhf.train.config import TuningConfig
 
     cfg = dataclasses.replace(tiny_config("llama"), vocab_size=1024)
