@@ -118,7 +118,7 @@ class ModelConfig:
     eos_token_ids: tuple[int, ...] = ()
     pad_token_id: int | None = None
     attention_impl: str = "auto"  # auto | xla | mosaic_tpu | cudnn: see pe_rlhf.models.attention
-    cross_entropy_impl: str = "auto"  # auto | logits | tokamax_xla | mosaic_tpu: see train.supervised_steps.token_nll
+    cross_entropy_impl: str = "auto"  # auto | logits | tokamax_xla | mosaic_tpu: see train.cross_entropy.token_nll
 
     def __post_init__(self):
         if self.family not in set(SUPPORTED_MODEL_TYPES.values()):

@@ -13,7 +13,8 @@ from pe_rlhf.models import lora
 from pe_rlhf.models.config import ModelConfig
 from pe_rlhf.models.tiny import tiny_config
 from pe_rlhf.models.transformer import Transformer
-from pe_rlhf.train.supervised_steps import resolve_cross_entropy_impl, sft_loss, token_nll
+from pe_rlhf.train.cross_entropy import resolve_cross_entropy_impl, token_nll
+from pe_rlhf.train.supervised_steps import sft_loss
 
 
 def _model(tied: bool, impl: str):
@@ -58,7 +59,7 @@ def test_fused_cross_entropy_equals_the_logits_path_in_loss_and_gradient(tied, w
 
 def test_auto_takes_the_fused_kernel_where_the_aot_plans_say_it_pays():
     """The four v5p:2x2x1 plans of docs/results.md (8 rows, bf16, 4 chips): rows per chip and hidden size."""
-    from pe_rlhf.train.supervised_steps import fused_cross_entropy_pays
+    from pe_rlhf.train.cross_entropy import fused_cross_entropy_pays
 
     assert fused_cross_entropy_pays(8 * 2047 // 4, 1152, 2)  # gemma3-1b, every position: 20.97 -> 2.66 GiB
     assert fused_cross_entropy_pays(8 * 512 // 4, 1152, 2)  # gemma3-1b, 512 positions: 5.94 -> 2.62 GiB
