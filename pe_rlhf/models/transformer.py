@@ -5,7 +5,9 @@ N query heads, K key/value heads, G = N // K query heads per key head, H head
 dim, F mlp width, V vocabulary.
 
 Every parameter carries `logical_axes` metadata (embed, heads, kv, mlp, vocab,
-head_dim) so that sharding is a table of rules over these names. Projections
+head_dim) so that sharding is a table of rules over these names; under a mesh the
+residual stream, queries, keys, values and MLP intermediates are placed by the same
+rules (`sharding.rules.constrain`: rows split over the data axes). Projections
 are `Linear` modules held as attributes (`attn.q_proj`, `mlp.up_proj`...):
 adapters replace them by path without touching any forward pass, and a reward
 head reads `Transformer.hidden`.
@@ -28,8 +30,12 @@ from flax import nnx, struct
 
 from pe_rlhf.models.attention import attention_path, fused_attention
 from pe_rlhf.models.config import ModelConfig
+from pe_rlhf.sharding.rules import constrain
 
 _MASKED = -2.3819763e38  # large finite negative: fully masked rows stay finite
+# Logical axes of the activations `constrain` places under a mesh (sharding.rules).
+_RESIDUAL, _MLP = ("batch", "seq", "embed"), ("batch", "seq", "mlp")
+_HEADS, _KV = ("batch", "seq", "heads", "head_dim"), ("batch", "seq", "kv", "head_dim")
 
 
 def _normal(rngs: nnx.Rngs, shape, dtype, stddev: float):
@@ -266,9 +272,9 @@ class Attention(nnx.Module):
             xq_BxTxD = gather_rows(x_BxTxD, query_index_BxM)
             q_positions_BxT = gather_rows(positions_BxT, query_index_BxM)
         tq = xq_BxTxD.shape[1]
-        q_BxTxNxH = self.q_proj(xq_BxTxD).reshape(b, tq, n, h)
-        k_BxTxKxH = self.k_proj(x_BxTxD).reshape(b, t, k, h)
-        v_BxTxKxH = self.v_proj(x_BxTxD).reshape(b, t, k, h)
+        q_BxTxNxH = constrain(self.q_proj(xq_BxTxD).reshape(b, tq, n, h), _HEADS)
+        k_BxTxKxH = constrain(self.k_proj(x_BxTxD).reshape(b, t, k, h), _KV)
+        v_BxTxKxH = constrain(self.v_proj(x_BxTxD).reshape(b, t, k, h), _KV)
         if self.q_norm is not None:
             q_BxTxNxH = self.q_norm(q_BxTxNxH)
             k_BxTxKxH = self.k_norm(k_BxTxKxH)
@@ -317,12 +323,12 @@ class MLP(nnx.Module):
         self.activation = cfg.activation
 
     def __call__(self, x_BxTxD):
-        gate_BxTxF = self.gate_proj(x_BxTxD)
+        gate_BxTxF = constrain(self.gate_proj(x_BxTxD), _MLP)
         if self.activation == "gelu_tanh":
             gate_BxTxF = jax.nn.gelu(gate_BxTxF, approximate=True)
         else:
             gate_BxTxF = jax.nn.silu(gate_BxTxF)
-        return self.down_proj(gate_BxTxF * self.up_proj(x_BxTxD))
+        return self.down_proj(gate_BxTxF * constrain(self.up_proj(x_BxTxD), _MLP))
 
 
 class Block(nnx.Module):
@@ -447,6 +453,7 @@ class Transformer(nnx.Module):
         x_BxTxD = self.embedding[...][tokens_BxT]
         if cfg.embed_scale is not None:
             x_BxTxD = x_BxTxD * jnp.asarray(cfg.embed_scale, self.dtype)
+        x_BxTxD = constrain(x_BxTxD, _RESIDUAL)
         if read_BxM is not None and cache is not None:
             raise ValueError("Transformer.hidden: read_BxM is for cache-less scoring")
         new_k, new_v = [], []
@@ -464,6 +471,7 @@ class Transformer(nnx.Module):
                 x_BxTxD, (k, v) = run(block, x_BxTxD, positions_BxT, mask_BxMxS, kv_cache, end, read_BxM)
             else:
                 x_BxTxD, (k, v) = run(block, x_BxTxD, positions_BxT, mask_BxTxS, kv_cache, end)
+            x_BxTxD = constrain(x_BxTxD, _RESIDUAL)
             new_k.append(k)
             new_v.append(v)
         x_BxTxD = self.final_norm(x_BxTxD)

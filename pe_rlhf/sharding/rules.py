@@ -21,10 +21,20 @@ Choices, made once here:
   and the warning says which parameter lost its sharding;
 - a batch whose batch dimension the data axes do not divide is an error: that is
   a configuration mistake, not a shape to work around.
+
+Activations are placed the same way inside a step traced under a mesh (`jax.set_mesh`):
+the model calls `constrain(x, ('batch', 'seq', 'embed'))` on its residual stream, its
+queries, keys and values and its MLP intermediates. Without those constraints XLA keeps the
+FSDP-sharded weights where they are and holds every row of the batch on every chip; with
+them the rows stay split over ('data', 'fsdp') and each weight is gathered for its layer,
+as FSDP means. `activation_rules(None)` turns them off (the rule table is a context variable,
+so a step built with other rules constrains its activations by those).
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 import warnings
 from collections.abc import Sequence
@@ -90,6 +100,42 @@ def logical_to_spec(axes: Sequence[str | None], rules: Rules = DEFAULT_RULES, *,
         used |= set(_as_tuple(choice))
         spec.append(choice)
     return PartitionSpec(*spec)
+
+
+_ACTIVATION_RULES: contextvars.ContextVar[Rules | None] = contextvars.ContextVar("activation_rules",
+                                                                              default=DEFAULT_RULES)
+
+
+@contextlib.contextmanager
+def activation_rules(rules: Rules | None):
+    """Within the block, `constrain` places activations by `rules`; None leaves them to XLA."""
+    token = _ACTIVATION_RULES.set(None if rules is None else tuple(rules))
+    try:
+        yield
+    finally:
+        _ACTIVATION_RULES.reset(token)
+
+
+def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
+    """`x` (an activation whose dimensions are the logical `axes`) held as the activation rules place it.
+
+    Only under a mesh of more than one device (`jax.set_mesh`, as `ShardedStep` and the AOT plans
+    trace); elsewhere `x` comes back unchanged. A dimension whose mesh axes do not divide it, or that
+    names axes the mesh lacks, is left to XLA (unconstrained), so odd shapes (one KV head, a batch
+    of one in decoding) still compile. Values never change, only where they live.
+    """
+    rules = _ACTIVATION_RULES.get()
+    mesh = jax.sharding.get_abstract_mesh()
+    if rules is None or mesh.empty or mesh.size == 1:
+        return x
+    entries = []
+    for dim, entry in zip(x.shape, logical_to_spec(axes, rules, where="activation")):
+        names = _as_tuple(entry)
+        if any(a not in mesh.shape for a in names) or dim % math.prod(mesh.shape[a] for a in names):
+            entries.append(PartitionSpec.UNCONSTRAINED)
+        else:
+            entries.append(entry)
+    return jax.lax.with_sharding_constraint(x, PartitionSpec(*entries))
 
 
 def fit_spec(spec: PartitionSpec, shape: Sequence[int], mesh: Mesh, *, where: str = "array") -> PartitionSpec:

@@ -48,6 +48,7 @@ from pe_rlhf.sharding.rules import (
     Rules,
     ShardingFallbackWarning,
     ShardingRuleError,
+    activation_rules,
     batch_shardings,
     named_sharding,
     state_shardings,
@@ -252,7 +253,10 @@ class ShardedStep:
     @functools.cached_property
     def compiled(self) -> jax.stages.Compiled:
         """The step compiled for the example arguments' shapes (once; calls reuse it)."""
-        return self.jitted.lower(*self._abstract_args).compile()
+        # traced under the mesh: activations are placed by the rules (sharding.rules.constrain) and fused
+        # kernels run per device (models.attention), as in the AOT plans
+        with jax.set_mesh(self.mesh), activation_rules(self.rules):
+            return self.jitted.lower(*self._abstract_args).compile()
 
     def place(self, trainable, opt_state, frozen):
         """(trainable, opt_state, frozen) on the mesh, `jax.device_put` by the computed shardings.

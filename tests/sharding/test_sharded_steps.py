@@ -152,7 +152,9 @@ def test_reward_step_on_a_mesh_matches_one_device(mesh_name, rm_reference):
     got_mu, want_mu = moments(opt, "mu"), moments(r["want_opt"], "mu")
     assert got_mu.keys() == want.keys()
     for path in want_mu:
-        assert_moment_close(got_mu[path], want_mu[path], f"mu {path}")
+        # the head bias's gradient is a sum of nearly cancelling terms (Bradley-Terry cancels it exactly, the
+        # centering term is small), so the reordered sums of a mesh move it by more, relative to itself
+        assert_moment_close(got_mu[path], want_mu[path], f"mu {path}", rtol=1e-4 if path == "head.bias" else 1e-5)
 
     # where everything lives
     mesh = step.mesh

@@ -1,0 +1,85 @@
+"""Activations placed by the sharding rules under a mesh (8 simulated CPU devices, tests/conftest.py):
+`constrain` by hand, the model's hidden states split over the data axes, and what that saves in a
+LoRA reward-model step."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import PartitionSpec as P
+
+from pe_rlhf.models import Transformer, lora
+from pe_rlhf.models.heads import RewardModel
+from pe_rlhf.models.tiny import tiny_config
+from pe_rlhf.sharding import DEFAULT_RULES, MeshConfig
+from pe_rlhf.sharding.mesh import make_mesh
+from pe_rlhf.sharding.rules import activation_rules, constrain
+from pe_rlhf.train import supervised_steps
+from pe_rlhf.train.optim import OptimizerConfig, make_optimizer
+from pe_rlhf.train.sharded import sharded_train_step
+
+CFG = tiny_config("llama", vocab_size=128, num_layers=2)  # D=64, F=128, N=4, K=2, H=16
+
+
+def placed(fn, x, mesh):
+    with jax.set_mesh(mesh):
+        return jax.jit(fn)(x).sharding.spec
+
+
+def test_constrain_places_by_the_rules_and_leaves_odd_dimensions_to_xla():
+    mesh = make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))
+    residual = lambda x: constrain(x * 2, ("batch", "seq", "embed"))
+    assert placed(residual, jnp.ones((8, 4, 16)), mesh) == P(("data", "fsdp"))  # embed: fsdp taken by batch
+    mlp = lambda x: constrain(x * 2, ("batch", "seq", "mlp"))
+    assert placed(mlp, jnp.ones((8, 4, 16)), mesh) == P(("data", "fsdp"), None, "tensor")
+    # one KV head over tensor=2: that dimension is left to XLA, the rows still split
+    kv = lambda x: constrain(x * 2, ("batch", "seq", "kv", "head_dim"))
+    spec = placed(kv, jnp.ones((8, 4, 1, 16)), mesh)
+    assert spec[0] == ("data", "fsdp") and all(s is None for s in spec[1:])
+    # without a mesh, under a one-device mesh, or with the rules off: the array itself
+    x = jnp.arange(6.0).reshape(2, 3)
+    assert constrain(x, ("batch", "embed")) is x
+    with jax.set_mesh(make_mesh(MeshConfig(data=1), jax.devices()[:1])):
+        assert constrain(x, ("batch", "embed")) is x
+    with jax.set_mesh(mesh), activation_rules(None):
+        assert constrain(x, ("batch", "embed")) is x
+    assert placed(residual, jnp.ones((8, 4, 16)), mesh) == P(("data", "fsdp"))  # on again after the block
+
+
+def test_hidden_states_stay_split_over_the_rows_and_equal_the_unsharded_ones():
+    model = Transformer(CFG, rngs=nnx.Rngs(0))
+    tokens = np.random.default_rng(0).integers(0, 128, (8, 16)).astype(np.int32)
+    want, _ = model.hidden(jnp.asarray(tokens))
+    graphdef, state = nnx.split(model)
+    hidden = lambda state, t: nnx.merge(graphdef, state).hidden(t)[0]
+    mesh = make_mesh(MeshConfig(data=2, fsdp=4))
+    with jax.set_mesh(mesh):  # weights replicated here: only the activation rules split the rows
+        got = jax.jit(hidden)(state, tokens)
+    assert got.sharding.spec[0] == ("data", "fsdp")
+    assert got.addressable_shards[0].data.shape == (1, 16, CFG.hidden_size)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+
+
+def test_split_activations_shrink_a_fsdp_reward_step():
+    """LoRA RM step, 8 pairs x 256 tokens on data=2 x fsdp=4: the compiled temporaries per device with the
+    activation rules against without (measured 9.2 against 17.0 MB, 2026-11-30): without them XLA keeps
+    the fsdp-sharded weights in place and holds 4 rows per device instead of 1."""
+    def rm():
+        backbone = Transformer(CFG)
+        lora.add_lora(backbone, "reward", lora.LoRAConfig(rank=8, alpha=16.0, targets="all_linear"))
+        return RewardModel(backbone, adapters=("reward",))
+
+    graphdef, trainable, frozen = nnx.split(nnx.eval_shape(rm), nnx.Any(lora.adapter_filter("reward"),
+                                                                         nnx.PathContains("head")), ...)
+    tx = make_optimizer(OptimizerConfig(learning_rate=1e-3, schedule="constant"))
+    batch = {k: jax.ShapeDtypeStruct((8, 256), jnp.int32)
+             for k in ("chosen_tokens_BxT", "rejected_tokens_BxT", "chosen_mask_BxT", "rejected_mask_BxT")}
+    temps = {}
+    for rules in (DEFAULT_RULES, None):
+        step = sharded_train_step(MeshConfig(data=2, fsdp=4), graphdef=graphdef, tx=tx,
+                                  loss_fn=supervised_steps.pairwise_reward_loss, trainable=trainable,
+                                  opt_state=jax.eval_shape(tx.init, trainable), frozen=frozen, batch=batch)
+        step.rules = rules  # the parameters stay placed by the default rules; only the activations change
+        temps[rules is None] = step.compiled.memory_analysis().temp_size_in_bytes
+    assert temps[False] < 0.7 * temps[True], temps
+
