@@ -266,8 +266,10 @@ def build_rl_step(cfg: ModelConfig, tuning: TuningConfig = TuningConfig(), *, al
     length = prompt_len + new_tokens
     compute_itemsize = frozen_dtype.itemsize  # the policy samples in the model dtype (full: the compute copy)
     estimates = {**_compute_copy_bytes(trainable, precision),
-        "prefill_logits": rows * prompt_len * cfg.vocab_size * 4,  # the sampler's prefill, every prompt position
-        "response_logits": rows * new_tokens * cfg.vocab_size * 4,  # one [rows, N, V] float32 block
+        "prefill_logits": rows * cfg.vocab_size * 4,  # the sampler's prefill: the last prompt position only
+        # the response log-probs run over 16 positions at a time (rollout.token_logprobs): one [rows, 16, V]
+        # float32 block; the whole [rows, N, V] is what an unchunked projection would hold
+        "response_logits": rows * min(16, new_tokens) * cfg.vocab_size * 4,
         "kv_cache": 2 * cfg.num_layers * rows * length * cfg.num_kv_heads * cfg.head_dim * compute_itemsize,
     }
     return StepSpec(f"{algorithm}/{tuning_label(tuning)}{_variant(cfg, fmt)}", step,
