@@ -14,6 +14,7 @@ import argparse
 import difflib
 import functools
 import json
+import logging
 import os
 import sys
 
@@ -43,6 +44,15 @@ CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
 OPTIONS = (supervised.TuningConfig, supervised.LoopConfig, supervised.DataConfig, OptimizerConfig, LoRAConfig,
            RLConfig, MeshConfig, winrate.GenerationConfig, eval_judge.JudgeConfig, eval_experiment.EvalConfig,
            EnsembleRule)
+
+
+class _QuietGinIncludes(logging.Filter):
+    """Drops gin's "Path not found: x.gin" for an `include` it then finds on the search path: gin first
+    tries the name as a Python package resource and logs an ERROR when it is not one."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.pathname.endswith(os.path.join("gin", "resource_reader.py"))
+                    and record.msg == "Path not found: %s")
 
 
 def _register():
@@ -154,7 +164,12 @@ def main(argv=None):
     _register()
     # Parse and build the options first: a typo raises gin's own error here, and a wrong value a
     # ValueError naming its gin key, before the workdir is touched.
-    gin.parse_config_files_and_bindings(args.gin_file, args.gin_param, skip_unknown=False)
+    quiet = _QuietGinIncludes()
+    logging.getLogger().addFilter(quiet)
+    try:
+        gin.parse_config_files_and_bindings(args.gin_file, args.gin_param, skip_unknown=False)
+    finally:
+        logging.getLogger().removeFilter(quiet)
     check_options()
     if args.compile_only and args.topology != "local":
         from pe_rlhf.profiling.aot import topology

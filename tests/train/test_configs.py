@@ -110,6 +110,19 @@ def test_a_wrong_value_fails_before_the_workdir_is_written(tmp_path):
     assert not (tmp_path / "wd").exists()
 
 
+def test_an_include_found_on_the_search_path_logs_no_error(tmp_path):
+    """gin tries `include 'hh_rlhf.gin'` as a package resource first and logs "ERROR:root:Path not found";
+    run.py drops that line, and the include is still read (its options reach the value check)."""
+    proc = _run_py("--gin_file", os.path.join(REPO, "experiments", "configs", "hh_rlhf_rm.gin"), "--workdir",
+                   str(tmp_path / "wd"),
+                   "--gin_param", "rm/LoopConfig.batch_size='four'")
+    assert proc.returncode == 1
+    assert "Path not found" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "ValueError: rm/LoopConfig.batch_size='four': expected an integer >= 1")
+    assert not (tmp_path / "wd").exists()
+
+
 def test_a_missing_gin_file_is_named_with_the_shipped_configs(registered, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         registered.parse_args(["--gin_file", "experiments/configs/quikstart.gin", "--workdir", str(tmp_path / "wd")])
