@@ -26,12 +26,14 @@ import os
 import sys
 
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from pe_rlhf.eval import judge as J  # noqa: E402
 from pe_rlhf.eval.experiment import BASELINE, collect, markdown  # noqa: E402
 from pe_rlhf.train.stages import write_json_atomic  # noqa: E402
 
@@ -103,6 +105,30 @@ def overoptimisation_lines(result: dict) -> list[str]:
     kinds = {(rls[n]["algorithm"], rls[n]["tuning"]) for n in other}
     return [n for n, rl in rls.items() if n in other or (reward_of(rl) == "proxy"
                                                          and (rl["algorithm"], rl["tuning"]) in kinds)]
+
+
+def paired_judge_diffs(workdir: str, result: dict) -> dict:
+    """For each over-optimisation line, its judge score minus the single-proxy line's on the same held-out
+    prompts, paired by prompt, with its 95% interval: a much tighter comparison than the two lines'
+    separate intervals against SFT. {line: {"vs": proxy line, "mean", "n", "ci", "wins", "ties", "losses"}}."""
+    lines = overoptimisation_lines(result)
+    rls = {n: result["lines"][n]["rl"] for n in lines}
+    out = {}
+    for name in lines:
+        rl = rls[name]
+        base = [n for n in lines if reward_of(rls[n]) == "proxy" and
+                (rls[n]["algorithm"], rls[n]["tuning"]) == (rl["algorithm"], rl["tuning"])]
+        if reward_of(rl) == "proxy" or not base:
+            continue
+        read = lambda line: {r["prompt"]: r["judge"] for r in map(json.loads, open(
+            os.path.join(workdir, "eval", line, "responses.jsonl")))}
+        mine, theirs = read(name), read(base[0])
+        prompts = sorted(set(mine) & set(theirs))
+        d = np.array([mine[k] - theirs[k] for k in prompts])
+        out[name] = {"vs": base[0], **J.mean_with_ci(d), "wins": int((d > 0).sum()), "ties": int((d == 0).sum()),
+                     "losses": int((d < 0).sum()), "steps": result["lines"][name]["rl"].get("steps"),
+                     "vs_steps": result["lines"][base[0]]["rl"].get("steps")}
+    return out
 
 
 def _metrics(path: str) -> list[dict]:
@@ -184,10 +210,16 @@ def main(argv=None):
     if not result["lines"]:
         p.error(f"{args.workdir}: no evaluated line yet (eval/<line>/DONE); run the experiment first")
     text = markdown(result) + "\n\n" + side_by_side(args.workdir, result)
+    paired = paired_judge_diffs(args.workdir, result)
+    if paired:
+        text += "\n\n| line | steps | judge - the proxy line's, paired (95% CI) | vs | W/T/L |\n|---|---:|---|---|---|\n"
+        text += "\n".join(f"| {n} | {p['steps']} | {p['mean']:+.3f} [{p['ci'][0]:+.3f}, {p['ci'][1]:+.3f}] | "
+                           f"{p['vs']} ({p['vs_steps']} steps) | {p['wins']}/{p['ties']}/{p['losses']} |"
+                           for n, p in paired.items())
     print(text)
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        write_json_atomic(args.json, compact(result))
+        write_json_atomic(args.json, {**compact(result), **({"paired_vs_proxy_line": paired} if paired else {})})
     if args.figures:
         os.makedirs(args.figures, exist_ok=True)
         plot_rewards(args.workdir, result, os.path.join(args.figures, f"{args.name}_reward_vs_step.png"))

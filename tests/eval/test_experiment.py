@@ -218,3 +218,15 @@ def test_lines_against_the_proxy_ensemble_and_warm(tmp_path):
     assert {"ensemble_mean", "ensemble_min", "warm"} <= set(ens_stage)
     assert report.overoptimisation_lines(result) == ["ens", "lora_remax", "warm"]
     assert sorted(os.listdir(tmp_path / "fig")) == ["x_judge_vs_kl.png", "x_overopt.png", "x_reward_vs_step.png"]
+    # each line against the proxy line on the same prompts, paired, by hand from the responses
+    read = lambda line: {r["prompt"]: r["judge"] for r in map(json.loads, open(
+        os.path.join(workdir, "eval", line, "responses.jsonl")))}
+    base = read("lora_remax")
+    assert set(compact["paired_vs_proxy_line"]) == {"ens", "warm"}
+    for name in ("ens", "warm"):
+        d = np.array([v - base[p] for p, v in read(name).items()])
+        got = compact["paired_vs_proxy_line"][name]
+        assert got["vs"] == "lora_remax" and got["n"] == len(d) == len(base)
+        half = 1.959963984540054 * d.std(ddof=1) / np.sqrt(len(d))
+        assert got["mean"] == pytest.approx(d.mean()) and got["ci"] == pytest.approx([d.mean() - half, d.mean() + half])
+        assert (got["wins"], got["ties"], got["losses"]) == ((d > 0).sum(), (d == 0).sum(), (d < 0).sum())
