@@ -110,7 +110,8 @@ def overoptimisation_lines(result: dict) -> list[str]:
 def paired_judge_diffs(workdir: str, result: dict) -> dict:
     """For each over-optimisation line, its judge score minus the single-proxy line's on the same held-out
     prompts, paired by prompt, with its 95% interval: a much tighter comparison than the two lines'
-    separate intervals against SFT. {line: {"vs": proxy line, "mean", "n", "ci", "wins", "ties", "losses"}}."""
+    separate intervals against SFT. Only lines trained for as many steps as the proxy line are paired.
+    {line: {"vs": proxy line, "mean", "n", "ci", "wins", "ties", "losses", "steps", "vs_steps"}}."""
     lines = overoptimisation_lines(result)
     rls = {n: result["lines"][n]["rl"] for n in lines}
     out = {}
@@ -118,7 +119,7 @@ def paired_judge_diffs(workdir: str, result: dict) -> dict:
         rl = rls[name]
         base = [n for n in lines if reward_of(rls[n]) == "proxy" and
                 (rls[n]["algorithm"], rls[n]["tuning"]) == (rl["algorithm"], rl["tuning"])]
-        if reward_of(rl) == "proxy" or not base:
+        if reward_of(rl) == "proxy" or not base or rls[base[0]].get("steps") != rl.get("steps"):
             continue
         read = lambda line: {r["prompt"]: r["judge"] for r in map(json.loads, open(
             os.path.join(workdir, "eval", line, "responses.jsonl")))}
