@@ -30,7 +30,7 @@ from flax import nnx, struct
 
 from pe_rlhf.models.attention import attention_path, fused_attention
 from pe_rlhf.models.config import ModelConfig
-from pe_rlhf.sharding.rules import constrain
+from pe_rlhf.sharding.rules import activation_rules, constrain
 
 _MASKED = -2.3819763e38  # large finite negative: fully masked rows stay finite
 # Logical axes of the activations `constrain` places under a mesh (sharding.rules).
@@ -408,7 +408,20 @@ class Transformer(nnx.Module):
         `packing` decides which tokens see which (see `Packing`). With `read_BxM` (no cache), only
         the hidden states at those positions are returned, [B, M, D]: the last block computes its
         queries and MLP there alone (a reward head reads one token per sequence).
+
+        Under a mesh, cache-less passes keep their rows split as the sharding rules say; decoding with
+        a cache does not constrain its activations: there a few tokens per row meet whole layers of
+        weights, and rows split over the FSDP axis made XLA gather every layer's weights inside the
+        sampler's loop (docs/results.md, "Real sizes").
         """
+        kw = dict(positions_BxT=positions_BxT, input_mask_BxT=input_mask_BxT, cache=cache, packing=packing,
+                  read_BxM=read_BxM)
+        if cache is None:
+            return self._hidden(tokens_BxT, **kw)
+        with activation_rules(None):
+            return self._hidden(tokens_BxT, **kw)
+
+    def _hidden(self, tokens_BxT, *, positions_BxT, input_mask_BxT, cache, packing, read_BxM):
         cfg = self.config
         b, t = tokens_BxT.shape
         if packing is not None:

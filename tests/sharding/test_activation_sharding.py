@@ -83,3 +83,22 @@ def test_split_activations_shrink_a_fsdp_reward_step():
         temps[rules is None] = step.compiled.memory_analysis().temp_size_in_bytes
     assert temps[False] < 0.7 * temps[True], temps
 
+
+
+def test_decoding_with_a_cache_leaves_its_activations_to_xla():
+    """Cache-less passes constrain every block's residual, queries, keys, values and MLP intermediates;
+    a decode step constrains nothing (split rows made XLA gather every layer's weights in the sampler's loop)."""
+    model = Transformer(CFG, rngs=nnx.Rngs(0))
+    graphdef, state = nnx.split(model)
+    tokens = jnp.zeros((8, 4), jnp.int32)
+    cache = model.init_cache(8, 8)
+
+    def constraints(fn, *args):
+        with jax.set_mesh(make_mesh(MeshConfig(data=2, fsdp=4))):
+            text = str(jax.make_jaxpr(fn)(*args))
+        return text.count("sharding_constraint")
+
+    full = constraints(lambda s, t: nnx.merge(graphdef, s).hidden(t)[0], state, tokens)
+    # embedding + per layer: residual, q, k, v, gate, up
+    assert full == 1 + CFG.num_layers * 6
+    assert constraints(lambda s, t, c: nnx.merge(graphdef, s).hidden(t, cache=c)[0], state, tokens, cache) == 0
