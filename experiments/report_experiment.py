@@ -114,21 +114,25 @@ def paired_judge_diffs(workdir: str, result: dict) -> dict:
     {line: {"vs": proxy line, "mean", "n", "ci", "wins", "ties", "losses", "steps", "vs_steps"}}."""
     lines = overoptimisation_lines(result)
     rls = {n: result["lines"][n]["rl"] for n in lines}
-    out = {}
+
+    def judge_scores(line: str) -> dict:
+        with open(os.path.join(workdir, "eval", line, "responses.jsonl")) as f:
+            return {r["prompt"]: r["judge"] for r in map(json.loads, f)}
+
+    out, scores = {}, {}
     for name in lines:
         rl = rls[name]
         base = [n for n in lines if reward_of(rls[n]) == "proxy" and
                 (rls[n]["algorithm"], rls[n]["tuning"]) == (rl["algorithm"], rl["tuning"])]
         if reward_of(rl) == "proxy" or not base or rls[base[0]].get("steps") != rl.get("steps"):
             continue
-        read = lambda line: {r["prompt"]: r["judge"] for r in map(json.loads, open(
-            os.path.join(workdir, "eval", line, "responses.jsonl")))}
-        mine, theirs = read(name), read(base[0])
-        prompts = sorted(set(mine) & set(theirs))
-        d = np.array([mine[k] - theirs[k] for k in prompts])
+        for line in (name, base[0]):  # the proxy line is read once however many lines it pairs with
+            if line not in scores:
+                scores[line] = judge_scores(line)
+        mine, theirs = scores[name], scores[base[0]]
+        d = np.array([mine[k] - theirs[k] for k in sorted(set(mine) & set(theirs))])
         out[name] = {"vs": base[0], **J.mean_with_ci(d), "wins": int((d > 0).sum()), "ties": int((d == 0).sum()),
-                     "losses": int((d < 0).sum()), "steps": result["lines"][name]["rl"].get("steps"),
-                     "vs_steps": result["lines"][base[0]]["rl"].get("steps")}
+                     "losses": int((d < 0).sum()), "steps": rl.get("steps"), "vs_steps": rls[base[0]].get("steps")}
     return out
 
 
