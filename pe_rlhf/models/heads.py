@@ -9,7 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from pe_rlhf.models.transformer import Packing, Transformer
+from pe_rlhf.models.attention import Packing
+from pe_rlhf.models.transformer import Transformer
 
 
 def last_real_index(mask_BxT):

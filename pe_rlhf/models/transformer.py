@@ -28,7 +28,17 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx, struct
 
-from pe_rlhf.models.attention import attention_path, fused_attention
+from pe_rlhf.models.attention import (
+    LocalMask,
+    Packing,
+    SegmentMask,
+    _key_windows,
+    attention_path,
+    fused_attention,
+    gather_rows,
+    packed_masks,
+    packed_query_masks,
+)
 from pe_rlhf.models.config import ModelConfig
 from pe_rlhf.sharding.rules import activation_rules, constrain
 
@@ -107,101 +117,6 @@ class KVCache:
     @property
     def length(self) -> int:
         return self.mask_BxS.shape[1]
-
-
-@struct.dataclass
-class Packing:
-    """Several sequences packed into the rows of a batch (no KV cache).
-
-    `segment_BxT`: the packed item each token belongs to (-1: padding). `branch_BxT`: 0 for the
-    tokens every continuation of the item sees (its prompt), k > 0 for the k-th continuation,
-    which sees the prompt and itself only: a preference pair is `[prompt | chosen | rejected]`,
-    the prompt computed once. Positions are the caller's (`positions_BxT`: each branch continues
-    the prompt's positions). No item is longer than `span` tokens, so each query attends to a
-    window of keys in chunks of `chunk` queries: T x span work instead of T x T.
-
-    `branches`: the most continuations an item has (None: not stated). With at most one, segment
-    ids alone say who sees whom and a fused attention kernel can run (`ModelConfig.attention_impl`);
-    its sliding window then counts slots, which equals counting positions when positions advance by
-    one per slot within an item (as `pe_rlhf.data.packing` lays them out).
-    """
-
-    segment_BxT: jax.Array
-    branch_BxT: jax.Array
-    span: int = struct.field(pytree_node=False)
-    chunk: int = struct.field(pytree_node=False, default=64)
-    branches: int | None = struct.field(pytree_node=False, default=None)
-
-
-@struct.dataclass
-class LocalMask:
-    """A `Packing`'s attention mask by chunks: query chunk c sees the `blocks` key chunks ending at c."""
-
-    mask_BxCxQxW: jax.Array
-    chunk: int = struct.field(pytree_node=False)
-    blocks: int = struct.field(pytree_node=False)
-
-
-@struct.dataclass
-class SegmentMask:
-    """Causal attention within segments, for a fused kernel: query t sees key s <= t of its own
-    segment (and, with `window`, t - s < window). Cache-less passes only: T == S."""
-
-    segment_BxT: jax.Array
-    impl: str = struct.field(pytree_node=False)
-    window: int | None = struct.field(pytree_node=False, default=None)
-
-
-def _key_windows(x_BxT, blocks: int, chunk: int, fill):
-    """[B, T, ...] -> [B, C, blocks * chunk, ...]: for query chunk c, the keys of chunks c-blocks+1..c."""
-    b, t = x_BxT.shape[:2]
-    pad = [(0, 0), ((blocks - 1) * chunk, 0)] + [(0, 0)] * (x_BxT.ndim - 2)
-    x = jnp.pad(x_BxT, pad, constant_values=fill)
-    x = x.reshape(b, t // chunk + blocks - 1, chunk, *x_BxT.shape[2:])
-    c = t // chunk
-    windows = jnp.stack([x[:, i:i + c] for i in range(blocks)], axis=2)
-    return windows.reshape(b, c, blocks * chunk, *x_BxT.shape[2:])
-
-
-def gather_rows(x_BxT, index_BxM):
-    """x[b, index[b, m]] for each row b: [B, M, ...]."""
-    index = index_BxM.reshape(index_BxM.shape + (1,) * (x_BxT.ndim - 2))
-    return jnp.take_along_axis(x_BxT, index, axis=1)
-
-
-def packed_query_masks(packing: Packing, positions_BxT, index_BxM, sliding_window: int | None):
-    """(global, sliding) dense masks [B, M, T] of the queries at `index_BxM` in a packed batch."""
-    t = packing.segment_BxT.shape[1]
-    q = lambda x: gather_rows(x, index_BxM)[:, :, None]
-    k = lambda x: x[:, None, :]
-    slots = jnp.broadcast_to(jnp.arange(t), packing.segment_BxT.shape)
-    seg, br = packing.segment_BxT, packing.branch_BxT
-    full = ((q(seg) == k(seg)) & (q(seg) >= 0) & (k(slots) <= q(slots)) & ((k(br) == 0) | (k(br) == q(br))))
-    if sliding_window is None:
-        return full, full
-    return full, full & ((q(positions_BxT) - k(positions_BxT)) < sliding_window)
-
-
-def packed_masks(packing: Packing, positions_BxT, sliding_window: int | None) -> tuple[LocalMask, LocalMask]:
-    """(global, sliding) `LocalMask`s of a packed batch."""
-    b, t = packing.segment_BxT.shape
-    chunk = packing.chunk
-    if t % chunk:
-        raise ValueError(f"a packed row of {t} tokens is not a multiple of the attention chunk ({chunk}); "
-                         "pad the rows to a multiple of it (data.packing does)")
-    blocks = -(-(packing.span - 1) // chunk) + 1
-    c = t // chunk
-    q = lambda x: x.reshape(b, c, chunk)[..., :, None]
-    k = lambda x, fill: _key_windows(x, blocks, chunk, fill)[:, :, None, :]
-    slots = jnp.broadcast_to(jnp.arange(t), (b, t))
-    seg_q, seg_k = q(packing.segment_BxT), k(packing.segment_BxT, -2)
-    br_q, br_k = q(packing.branch_BxT), k(packing.branch_BxT, 0)
-    full = ((seg_q == seg_k) & (seg_q >= 0) & (k(slots, t) <= q(slots))
-            & ((br_k == 0) | (br_k == br_q)))
-    sliding = full
-    if sliding_window is not None:
-        sliding = full & ((q(positions_BxT) - k(positions_BxT, 0)) < sliding_window)
-    return LocalMask(full, chunk, blocks), LocalMask(sliding, chunk, blocks)
 
 
 _SPLIT_VOCAB_MAX_ROWS = 32  # from 64 rows the split gains nothing on the CPU, at 256 it is slower

@@ -20,7 +20,8 @@ from pe_rlhf.models import attention
 from pe_rlhf.models.attention import attention_path, fused_attention, resolve_attention_impl
 from pe_rlhf.models.config import ModelConfig
 from pe_rlhf.models.tiny import tiny_config
-from pe_rlhf.models.transformer import Packing, Transformer, _attend
+from pe_rlhf.models.attention import Packing
+from pe_rlhf.models.transformer import Transformer, _attend
 
 from tests.models.helpers import left_padded_batch, randomize
 
