@@ -125,7 +125,8 @@ class BatchIterator:
             rows.pop()
         if not rows:
             raise ValueError(f"item {int(indices[0])} alone does not fit in a packed batch; raise the packed "
-                             "row length (DataConfig.pack_length) to at least its prompt + responses")
+                             "row length (DataConfig.pack_length) to at least its prompt + responses (with "
+                             "DataConfig.pack_share_prompt=False, its prompt once per response + responses)")
         self.position += len(rows)
         return dict(self.collate(rows))
 

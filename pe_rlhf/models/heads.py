@@ -59,11 +59,17 @@ class RewardModel(nnx.Module):
     def score_packed(self, batch, span: int):
         """Scores of a packed batch (`pe_rlhf.data.packing`): [R, P, K], one per response of each item.
 
-        `span` is the longest item the batch may hold (prompt + responses), a static int.
+        `span` is the longest segment the batch may hold (an item, prompt + responses; or with an unshared
+        prompt one sequence, prompt + response), a static int.
         """
         r, p, k = batch["read_RxPxK"].shape
-        # k continuations per item: one (labelled examples) lets a fused attention kernel take the rows
-        packing = Packing(batch["segment_RxN"], batch["branch_RxN"], span=span, branches=k)
+        # k continuations of a shared prompt; a batch without `branch_RxN` lays each response out as its own
+        # sequence (`PackOptions.share_prompt=False`). One continuation lets a fused attention kernel take the rows.
+        branch_RxN = batch.get("branch_RxN")
+        if branch_RxN is None:
+            packing = Packing(batch["segment_RxN"], jnp.zeros_like(batch["segment_RxN"]), span=span, branches=1)
+        else:
+            packing = Packing(batch["segment_RxN"], branch_RxN, span=span, branches=k)
         h_RxPKxD = self._hidden(batch["tokens_RxN"], positions_BxT=batch["positions_RxN"], packing=packing,
                                 read_BxM=batch["read_RxPxK"].reshape(r, p * k))
         return self.head(h_RxPKxD).reshape(r, p, k)

@@ -11,6 +11,8 @@ compute copy, cast inside the step, as `train.precision` lays them out for train
 - `build_rm_step`: one Bradley-Terry update of a reward model on B pairs x T tokens
   (`train.supervised_steps.train_step` with `pairwise_reward_loss`), the model assembled and
   split as `train_reward_model` does it (`train.supervised.reward_model`, `trainable_filter`).
+- `build_packed_rm_step`: the same update on a packed batch (`data.packing`): rows of L tokens
+  holding several pairs, the prompt shared by both responses or repeated per response.
 - `build_sft_step`: one SFT update (`train.supervised_steps.sft_loss`) on B rows x T tokens, the
   vocabulary projection with its cross-entropy as `ModelConfig.cross_entropy_impl` says.
 - `build_rl_step`: one `train.policy.rl_step` (reinforce | remax | ppo) on B prompts
@@ -167,6 +169,38 @@ def build_rm_step(cfg: ModelConfig, tuning: TuningConfig = TuningConfig(), *, pa
                  **({} if fused else {"attention_probs_per_layer": rows * cfg.num_heads * seq_len * seq_len * 4})}
     return _supervised_spec(f"rm/{tuning_label(tuning)}{_variant(cfg, fmt)}", build, trainable_filter(tuning, "reward"),
                             optimizer, supervised_steps.pairwise_reward_loss, batch, cfg, estimates)
+
+
+def build_packed_rm_step(cfg: ModelConfig, tuning: TuningConfig = TuningConfig(), *, rows: int, length: int,
+                         pairs_per_row: int, span: int, share_prompt: bool = True, frozen_dtype: str = "float32",
+                         optimizer: OptimizerConfig = OptimizerConfig(), quantize: str | None = None,
+                         attention_impl: str | None = None) -> StepSpec:
+    """The Bradley-Terry step on a packed batch (`data.packing`, as `DataConfig.pack_length` trains): `rows`
+    rows of `length` tokens holding up to `pairs_per_row` pairs each, no segment longer than `span`.
+
+    `share_prompt`: each pair `[prompt | chosen | rejected]`, which only the XLA path attends (windows of
+    `span` keys per chunk of queries); False: `[prompt | chosen][prompt | rejected]` as plain causal
+    segments, which a fused kernel (`attention_impl`) takes by segment ids. Otherwise as `build_rm_step`.
+    """
+    dtype = _frozen(frozen_dtype)
+    cfg, tuning, fmt = _options("build_packed_rm_step", cfg, tuning, quantize, attention_impl, frozen_models=False)
+
+    def build():
+        return reward_model(_transformer(cfg, dtype, 0, False, fmt), tuning, "reward")
+
+    tokens = jax.ShapeDtypeStruct((rows, length), jnp.int32)
+    per_item = jax.ShapeDtypeStruct((rows, pairs_per_row), jnp.float32)
+    batch = {"tokens_RxN": tokens, "positions_RxN": tokens, "segment_RxN": tokens,
+             "read_RxPxK": jax.ShapeDtypeStruct((rows, pairs_per_row, 2), jnp.int32), "valid_RxP": per_item,
+             "margin_RxP": per_item, **({"branch_RxN": tokens} if share_prompt else {})}
+    fused = cfg.attention_impl in FUSED_IMPLS and not share_prompt
+    blocks = -(-(span - 1) // 64) + 1  # key chunks per query chunk of the XLA path (`attention.packed_masks`)
+    estimates = {"hidden_per_layer": rows * length * cfg.hidden_size * 4,
+                 **({} if fused else {"attention_probs_per_layer": rows * cfg.num_heads * length * blocks * 64 * 4})}
+    layout = "shared prompt" if share_prompt else "prompt per response"
+    loss_fn = functools.partial(supervised_steps.packed_pairwise_reward_loss, span=span)
+    return _supervised_spec(f"rm packed ({layout})/{tuning_label(tuning)}{_variant(cfg, fmt)}", build,
+                            trainable_filter(tuning, "reward"), optimizer, loss_fn, batch, cfg, estimates)
 
 
 def build_sft_step(cfg: ModelConfig, tuning: TuningConfig = TuningConfig(), *, rows: int, seq_len: int,

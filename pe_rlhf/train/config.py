@@ -77,6 +77,10 @@ class DataConfig:
     # up to LoopConfig.batch_size items, as many as fit. None: one padded row per sequence.
     pack_length: int | None = None
     pack_rows: int = 1
+    # False: each response packed as its own sequence, its prompt repeated ([prompt | response] per
+    # response): more tokens per pair, but plain causal segments that a fused attention kernel
+    # (ModelConfig.attention_impl "mosaic_tpu", "cudnn") runs; a shared prompt runs the XLA path.
+    pack_share_prompt: bool = True
     # Reward models, SFT and DPO: train on this fraction of the training part, drawn with LoopConfig.seed
     # (the held-out part is unchanged); the members of a reward ensemble (seeds seed + k) then each see
     # their own subset. RL refuses a value below 1 (pass fewer prompts instead).
@@ -87,4 +91,5 @@ class DataConfig:
                      padding=choice(*PADDING_SIDES), eval_size=either(number(gt=0, lt=1), integer(ge=1)),
                      split_seed=integer(ge=0), eos_id=optional(integer(ge=0)), drop_long_responses=boolean(),
                      pack_length=optional(integer(ge=CHUNK, multiple_of=CHUNK)), pack_rows=integer(ge=1),
+                     pack_share_prompt=boolean(),
                      train_fraction=number(gt=0, le=1))

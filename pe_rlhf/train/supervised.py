@@ -146,15 +146,18 @@ def _packed(data: DataConfig, loop: LoopConfig, pairwise: bool, pad_id: int, cen
         if size % data.pack_rows:
             raise ValueError(f"{name}={size} must be a multiple of DataConfig.pack_rows={data.pack_rows}: "
                              "each packed row holds an equal share of a batch's items")
-    span = packing.span(data.max_prompt_len, data.max_response_len, 2 if pairwise else 1)
-    if data.pack_length < span:
+    responses = 2 if pairwise else 1
+    span = packing.span(data.max_prompt_len, data.max_response_len, responses, data.pack_share_prompt)
+    longest = data.max_prompt_len * (1 if data.pack_share_prompt else responses) + responses * data.max_response_len
+    if data.pack_length < longest:
+        how = (f"max_prompt_len + {responses} x max_response_len" if data.pack_share_prompt else
+               f"{responses} x (max_prompt_len + max_response_len), pack_share_prompt=False")
         raise ValueError(f"DataConfig.pack_length={data.pack_length} is shorter than the longest item the "
-                         f"config allows ({span} tokens = max_prompt_len + {2 if pairwise else 1} x "
-                         "max_response_len); raise it")
+                         f"config allows ({longest} tokens = {how}); raise it")
 
     def batching(size):  # (collate, fits) of batches of up to `size` items: one shape for each size
         options = packing.PackOptions(rows=data.pack_rows, length=data.pack_length,
-                                      items_per_row=size // data.pack_rows)
+                                      items_per_row=size // data.pack_rows, share_prompt=data.pack_share_prompt)
         return (functools.partial(packing.pack, options=options, pad_id=pad_id),
                 functools.partial(packing.fits, options=options))
 
@@ -316,7 +319,8 @@ def train_reward_model(*, workdir: str, dataset: D.Loaded, model: str = "tiny", 
                 "data_stats": dataclasses.asdict(stats), "train_examples": len(train_items),
                 "eval_examples": len(eval_items), "skipped_identical": dataset.skipped_identical,
                 "skipped_long": dataset.skipped_long,
-                "packing": {"length": data.pack_length, "rows": data.pack_rows, "span": span} if span else None}
+                "packing": {"length": data.pack_length, "rows": data.pack_rows, "span": span,
+                            "share_prompt": data.pack_share_prompt} if span else None}
     run_info["identity"] = run_identity(stage="reward_model", model=model, dtype=dtype, tuning=tuning, adapter=adapter,
                                         source=dataset.source, data=data, loop=loop, train_examples=len(train_items),
                                         eval_examples=len(eval_items), kind=run_info["kind"])

@@ -19,6 +19,25 @@ def test_pack_lays_out_prompt_once_and_responses_after_it():
     assert b["margin_RxP"].tolist() == [[0.5, 0.0, 0.0]]
 
 
+def test_unshared_prompt_lays_out_each_response_as_its_own_sequence():
+    pairs = [D.TokenizedPair([11, 12], [21, 22], [31], margin=0.5), D.TokenizedPair([14], [23], [32, 33])]
+    options = PK.PackOptions(rows=1, length=64, items_per_row=3, share_prompt=False)
+    b = PK.pack(pairs, options, pad_id=0)
+    assert b["tokens_RxN"][0, :13].tolist() == [11, 12, 21, 22, 11, 12, 31, 14, 23, 14, 32, 33, 0]
+    assert b["positions_RxN"][0, :12].tolist() == [0, 1, 2, 3, 0, 1, 2, 0, 1, 0, 1, 2]
+    assert b["segment_RxN"][0, :13].tolist() == [0, 0, 0, 0, 1, 1, 1, 2, 2, 3, 3, 3, -1]
+    assert "branch_RxN" not in b  # the model reads its absence as "no shared prompt"
+    assert b["read_RxPxK"][0].tolist() == [[3, 6], [8, 11], [0, 0]]
+    assert b["valid_RxP"].tolist() == [[1.0, 1.0, 0.0]]
+    assert b["margin_RxP"].tolist() == [[0.5, 0.0, 0.0]]
+    assert [PK.packed_length(p, False) for p in pairs] == [7, 5] and PK.packed_length(pairs[0]) == 5
+    assert PK.span(30, 12, 2) == 54 and PK.span(30, 12, 2, share_prompt=False) == 42
+    long = [D.TokenizedPair([1] * 30, [2] * 2, [3] * 2)]  # 34 tokens shared, 64 unshared
+    assert PK.fits(long, PK.PackOptions(rows=1, length=64, items_per_row=1))
+    with pytest.raises(ValueError, match=r"longest 64\) do not fit .* the prompt once per response"):
+        PK.pack(long * 2, PK.PackOptions(rows=1, length=64, items_per_row=2, share_prompt=False))
+
+
 def test_first_fit_uses_later_rows_and_reports_what_does_not_fit():
     opts = PK.PackOptions(rows=2, length=64, items_per_row=2)
     assert PK.first_fit([40, 30, 20, 10], opts) == [0, 1, 0, 1]

@@ -142,3 +142,26 @@ def test_reward_model_step_with_the_splash_kernel_on_v5e():
         assert ("tpu_custom_call" in compiled.as_text()) == (impl == "mosaic_tpu")
         peaks[impl] = compiled.memory_analysis().temp_size_in_bytes
     assert peaks["mosaic_tpu"] < peaks["xla"]
+
+
+@needs_libtpu
+def test_packed_reward_step_runs_the_splash_kernel_only_without_a_shared_prompt():
+    """A packed RM batch whose pairs repeat their prompt (`DataConfig.pack_share_prompt=False`) is plain causal
+    segments: the splash kernel takes it. With a shared prompt the step keeps the XLA path. The abstract batch
+    is the one `data.packing.pack` makes, key for key and shape for shape."""
+    from pe_rlhf.data import TokenizedPair
+    from pe_rlhf.data import packing
+    from pe_rlhf.profiling.step_builders import build_packed_rm_step
+
+    cfg = ModelConfig(vocab_size=1024, hidden_size=256, intermediate_size=512, num_layers=2, num_heads=4,
+                      num_kv_heads=2, head_dim=64, attention_impl="mosaic_tpu")
+    pair = TokenizedPair([5] * 200, [6] * 50, [7] * 40)
+    for share in (True, False):
+        spec = build_packed_rm_step(cfg, rows=4, length=1024, pairs_per_row=3, span=packing.span(200, 56, 2, share),
+                                    share_prompt=share)
+        real = packing.pack([pair] * 4, packing.PackOptions(rows=4, length=1024, items_per_row=3, share_prompt=share))
+        assert {k: (v.shape, v.dtype) for k, v in spec.args[3].items()} == {k: (v.shape, v.dtype)
+                                                                          for k, v in real.items()}
+        with jax.default_matmul_precision("default"):
+            compiled = compile_step(spec, topology="v5e:2x2")
+        assert ("tpu_custom_call" in compiled.as_text()) == (not share), share

@@ -10,7 +10,8 @@ from pe_rlhf import data as D
 from pe_rlhf.data import packing as PK
 from pe_rlhf.models import lora
 from pe_rlhf.models.heads import RewardModel
-from pe_rlhf.models.tiny import tiny_model
+from pe_rlhf.models.tiny import tiny_config
+from pe_rlhf.models.transformer import Transformer
 from pe_rlhf.train import supervised_steps
 from pe_rlhf.train.optim import OptimizerConfig
 from pe_rlhf.train.supervised import DataConfig, LoopConfig, TuningConfig, train_reward_model
@@ -28,8 +29,8 @@ def random_pairs(n, seed=0):
                             margin=float(rng.uniform())) for _ in range(n)]
 
 
-def reward_model(family, seed=0):
-    backbone, _ = tiny_model(family)
+def reward_model(family, seed=0, attention_impl="auto"):
+    backbone = Transformer(tiny_config(family).replace(attention_impl=attention_impl), rngs=nnx.Rngs(0))
     lora.add_lora(backbone, "reward", lora.LoRAConfig(rank=2, alpha=4.0))
     rm = RewardModel(backbone, adapters=("reward",))
     rng = np.random.default_rng(seed)
@@ -42,7 +43,7 @@ def reward_model(family, seed=0):
 
 def in_pack_order(scores_RxPxK, pairs, options):
     """Packed scores back in the items' order."""
-    rows, seen, out = PK.first_fit([PK.packed_length(p) for p in pairs], options), {}, []
+    rows, seen, out = PK.first_fit([PK.packed_length(p, options.share_prompt) for p in pairs], options), {}, []
     for r in rows:
         out.append(np.asarray(scores_RxPxK[r, seen.setdefault(r, 0)]))
         seen[r] += 1
@@ -62,6 +63,26 @@ def test_packed_scores_equal_padded_scores(family):
     np.testing.assert_allclose(got[:, 0], chosen, atol=2e-5, rtol=1e-5)
     np.testing.assert_allclose(got[:, 1], rejected, atol=2e-5, rtol=1e-5)
     assert np.std(np.asarray(chosen)) > 0.1  # the scores differ from pair to pair
+
+
+@pytest.mark.parametrize("impl", ["xla", "cudnn", "mosaic_tpu"])
+def test_unshared_prompts_score_like_padded_on_every_attention_path(impl):
+    """[prompt | chosen][prompt | rejected] as plain causal segments: the fused kernels (splash in Pallas
+    interpret mode, jax.nn's attention) take the rows and give the padded scores (gemma3: sliding windows)."""
+    rm = reward_model("gemma3", attention_impl=impl)
+    pairs = random_pairs(5, seed=3)
+    options = PK.PackOptions(rows=2, length=256, items_per_row=3, share_prompt=False)
+    batch = PK.pack(pairs, options)
+    assert "branch_RxN" not in batch
+    span = PK.span(MAX_PROMPT, MAX_RESPONSE, 2, share_prompt=False)
+    packed = rm.score_packed(jax.tree.map(jnp.asarray, batch), span)
+    padded = D.batch_preferences(pairs, seq_len=MAX_PROMPT + MAX_RESPONSE)
+    chosen = rm(jnp.asarray(padded["chosen_tokens_BxT"]), jnp.asarray(padded["chosen_mask_BxT"]))
+    rejected = rm(jnp.asarray(padded["rejected_tokens_BxT"]), jnp.asarray(padded["rejected_mask_BxT"]))
+    got = in_pack_order(packed, pairs, options)
+    np.testing.assert_allclose(got[:, 0], chosen, atol=1e-4, rtol=1e-5)
+    np.testing.assert_allclose(got[:, 1], rejected, atol=1e-4, rtol=1e-5)
+    assert np.std(np.asarray(chosen)) > 0.1
 
 
 def test_packed_loss_and_adapter_gradients_equal_padded():
@@ -102,7 +123,7 @@ def test_packed_training_learns_the_rule_and_evaluates_like_padded(tmp_path):
                                                  pack_length=128, pack_rows=2))
     assert summary["eval/pairwise_accuracy"] > 0.95, summary
     assert summary["eval/num_pairs"] == 100  # every held-out pair scored once
-    assert summary["packing"] == {"length": 128, "rows": 2, "span": 36}
+    assert summary["packing"] == {"length": 128, "rows": 2, "span": 36, "share_prompt": True}
 
 
 def test_packed_config_errors_name_the_key(tmp_path):
@@ -110,6 +131,11 @@ def test_packed_config_errors_name_the_key(tmp_path):
                   loop=LoopConfig(num_steps=1, batch_size=6, eval_batch_size=8, progress_bar=False))
     with pytest.raises(ValueError, match="DataConfig.pack_length=64 is shorter than the longest item"):
         train_reward_model(**common, data=DataConfig(max_prompt_len=40, max_response_len=20, pack_length=64))
+    with pytest.raises(ValueError, match=r"pack_length=128 is shorter than the longest item the config allows "
+                                         r"\(144 tokens = 2 x \(max_prompt_len \+ max_response_len\), "
+                                         r"pack_share_prompt=False\)"):
+        train_reward_model(**common, data=DataConfig(max_prompt_len=52, max_response_len=20, pack_length=128,
+                                                     pack_share_prompt=False))
     with pytest.raises(ValueError, match="LoopConfig.batch_size=6 must be a multiple of DataConfig.pack_rows=4"):
         train_reward_model(**common, data=DataConfig(max_prompt_len=12, max_response_len=12, pack_length=64,
                                                      pack_rows=4))
