@@ -49,7 +49,7 @@ from flax import nnx
 
 from pe_rlhf.config_checks import boolean, check_fields, choice, integer, number, text
 from pe_rlhf.models import quant
-from pe_rlhf.models.transformer import Linear, Transformer
+from pe_rlhf.models.transformer import Linear, Transformer, kernel_for
 
 log = logging.getLogger(__name__)
 
@@ -195,14 +195,15 @@ class LoRALinear(Linear):
 
     def __call__(self, x):
         check_dora_alone(self, self.active, "forward pass")
-        xw = x @ self.kernel[...]
+        w, x = kernel_for(self.kernel, x)
+        xw = x @ w
         y = xw if self.bias is None else xw + self.bias[...]
         for name in self.active:
             if name not in self.merged:
                 adapter = self.lora[name]
                 delta = adapter(x)
                 if adapter.dora:
-                    ratio_O = adapter.dora_ratio(self.kernel[...])
+                    ratio_O = adapter.dora_ratio(w)
                     delta = (ratio_O - 1.0) * xw.astype(jnp.float32) + ratio_O * delta.astype(jnp.float32)
                 y = y + delta.astype(y.dtype)
         return y

@@ -40,7 +40,7 @@ from pe_rlhf.models.attention import (
     packed_query_masks,
 )
 from pe_rlhf.models.config import ModelConfig
-from pe_rlhf.sharding.rules import activation_rules, constrain
+from pe_rlhf.sharding.rules import constrain, free_activations, vocab_split
 
 _MASKED = -2.3819763e38  # large finite negative: fully masked rows stay finite
 # Logical axes of the activations `constrain` places under a mesh (sharding.rules).
@@ -63,10 +63,19 @@ class Linear(nnx.Module):
         )
 
     def __call__(self, x):
-        y = x @ self.kernel[...]
+        w, x = kernel_for(self.kernel, x)
+        y = x @ w
         if self.bias is not None:
             y = y + self.bias[...]
         return y
+
+
+def kernel_for(kernel, x):
+    """(the [in, out] kernel as `x @ kernel` reads it, x): a quantised kernel (`models.quant`) is dequantised
+    only once `x` exists (`QuantizedKernel.dequantize_after`); a plain parameter is read as it is."""
+    if hasattr(kernel, "dequantize_after"):
+        return kernel.dequantize_after(x)
+    return kernel[...], x
 
 
 class RMSNorm(nnx.Module):
@@ -333,7 +342,7 @@ class Transformer(nnx.Module):
                   read_BxM=read_BxM)
         if cache is None:
             return self._hidden(tokens_BxT, **kw)
-        with activation_rules(None):
+        with free_activations():
             return self._hidden(tokens_BxT, **kw)
 
     def _hidden(self, tokens_BxT, *, positions_BxT, input_mask_BxT, cache, packing, read_BxM):
@@ -414,6 +423,7 @@ class Transformer(nnx.Module):
         else:
             logits = jnp.einsum("...D,DV->...V", x_BxTxD, self.lm_head.kernel[...],
                                 preferred_element_type=jnp.float32)
+        logits = vocab_split(logits)  # under a mesh: vocabulary-parallel, no chip gathers the whole weight
         if self.config.final_logit_softcap is not None:
             cap = self.config.final_logit_softcap
             logits = jnp.tanh(logits / cap) * cap

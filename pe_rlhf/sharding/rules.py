@@ -106,6 +106,9 @@ _ACTIVATION_RULES: contextvars.ContextVar[Rules | None] = contextvars.ContextVar
                                                                               default=DEFAULT_RULES)
 
 
+_ACTIVATIONS_FREE: contextvars.ContextVar[bool] = contextvars.ContextVar("activations_free", default=False)
+
+
 @contextlib.contextmanager
 def activation_rules(rules: Rules | None):
     """Within the block, `constrain` places activations by `rules`; None leaves them to XLA."""
@@ -116,6 +119,17 @@ def activation_rules(rules: Rules | None):
         _ACTIVATION_RULES.reset(token)
 
 
+@contextlib.contextmanager
+def free_activations():
+    """Within the block `constrain` does nothing (activations left to XLA) while `gathered` still places
+    weights by the rules in force: decoding with a KV cache runs so (`Transformer.hidden`)."""
+    token = _ACTIVATIONS_FREE.set(True)
+    try:
+        yield
+    finally:
+        _ACTIVATIONS_FREE.reset(token)
+
+
 def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
     """`x` (an activation whose dimensions are the logical `axes`) held as the activation rules place it.
 
@@ -124,17 +138,63 @@ def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
     names axes the mesh lacks, is left to XLA (unconstrained), so odd shapes (one KV head, a batch
     of one in decoding) still compile. Values never change, only where they live.
     """
+    if _ACTIVATIONS_FREE.get():
+        return x
+    return _placed(x, axes, drop=(), where="activation")
+
+
+def gathered(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
+    """A stored weight `x` (dimensions named `axes`) as a layer computes with it: gathered over the mesh
+    axes that split the batch (FSDP's axes: the rule for 'batch'), still split over the others (tensor).
+
+    For a frozen weight stored quantised (`models.quant`) this gathers the stored codes, which the layer
+    then dequantises locally: a quarter of the bytes of gathering the dequantised bf16 kernel, and no
+    full-size kernel held beyond its own layer. Like `constrain`, only under a mesh of more than one
+    device with activation rules in force (not turned off by `free_activations`).
+    """
+    rules = _ACTIVATION_RULES.get()
+    if rules is None:
+        return x
+    batch = {a for logical, mesh_axes in rules if logical == "batch" for a in _as_tuple(mesh_axes)}
+    return _placed(x, axes, drop=batch, where="weight")
+
+
+def vocab_split(logits: jax.Array) -> jax.Array:
+    """Logits [..., V] placed with the vocabulary split over every mesh axis the rules give the batch and the
+    vocabulary, the other dimensions whole: the vocabulary projection is then computed vocabulary-parallel.
+
+    Without it the projection under FSDP gathers the whole embedding (or lm_head) on every chip, the
+    largest weight of Gemma (262k x 1152 in bf16: 604 MB for gemma3-1b) and the largest temporary of an
+    RL step's log-probs. With it XLA moves the weight's shards once (all-to-all) and gathers the few
+    hidden rows; log-sum-exp and the picked token's logit reduce across chips. Under a mesh with rules in
+    force only (decoding included); a vocabulary those axes do not divide is left to XLA.
+    """
+    rules = _ACTIVATION_RULES.get()
+    mesh = jax.sharding.get_abstract_mesh()
+    if rules is None or mesh.empty or mesh.size == 1:
+        return logits
+    names = [a for logical, mesh_axes in rules if logical == "batch" for a in _as_tuple(mesh_axes)]
+    names += [a for a in _as_tuple(logical_to_spec(("vocab",), rules, where="logits")[0]) if a not in names]
+    names = [a for a in names if a in mesh.shape and mesh.shape[a] > 1]
+    if not names or logits.shape[-1] % math.prod(mesh.shape[a] for a in names):
+        return logits
+    return jax.lax.with_sharding_constraint(logits, PartitionSpec(*([None] * (logits.ndim - 1)), tuple(names)))
+
+
+def _placed(x, axes, *, drop, where: str):
+    """`x` constrained to the rules' spec for `axes`, without the mesh axes in `drop`; a dimension its mesh
+    axes do not divide, or that names axes the mesh lacks, is left to XLA."""
     rules = _ACTIVATION_RULES.get()
     mesh = jax.sharding.get_abstract_mesh()
     if rules is None or mesh.empty or mesh.size == 1:
         return x
     entries = []
-    for dim, entry in zip(x.shape, logical_to_spec(axes, rules, where="activation")):
-        names = _as_tuple(entry)
+    for dim, entry in zip(x.shape, logical_to_spec(axes, rules, where=where)):
+        names = tuple(a for a in _as_tuple(entry) if a not in drop)
         if any(a not in mesh.shape for a in names) or dim % math.prod(mesh.shape[a] for a in names):
             entries.append(PartitionSpec.UNCONSTRAINED)
         else:
-            entries.append(entry)
+            entries.append(names[0] if len(names) == 1 else (names or None))
     return jax.lax.with_sharding_constraint(x, PartitionSpec(*entries))
 
 
