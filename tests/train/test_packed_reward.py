@@ -55,13 +55,18 @@ def test_packed_scores_equal_padded_scores(family):
     rm = reward_model(family)
     pairs = random_pairs(7)
     options = PK.PackOptions(rows=2, length=192, items_per_row=4)
-    packed = rm.score_packed(jax.tree.map(jnp.asarray, PK.pack(pairs, options)), SPAN)
+    assert_scores_like_padded(rm, pairs, PK.pack(pairs, options), options, SPAN, atol=2e-5)
+
+
+def assert_scores_like_padded(rm, pairs, batch, options, span, *, atol):
+    """The packed batch's scores, in the items' order, equal each pair's padded chosen and rejected scores."""
+    packed = rm.score_packed(jax.tree.map(jnp.asarray, batch), span)
     padded = D.batch_preferences(pairs, seq_len=MAX_PROMPT + MAX_RESPONSE)
     chosen = rm(jnp.asarray(padded["chosen_tokens_BxT"]), jnp.asarray(padded["chosen_mask_BxT"]))
     rejected = rm(jnp.asarray(padded["rejected_tokens_BxT"]), jnp.asarray(padded["rejected_mask_BxT"]))
     got = in_pack_order(packed, pairs, options)
-    np.testing.assert_allclose(got[:, 0], chosen, atol=2e-5, rtol=1e-5)
-    np.testing.assert_allclose(got[:, 1], rejected, atol=2e-5, rtol=1e-5)
+    np.testing.assert_allclose(got[:, 0], chosen, atol=atol, rtol=1e-5)
+    np.testing.assert_allclose(got[:, 1], rejected, atol=atol, rtol=1e-5)
     assert np.std(np.asarray(chosen)) > 0.1  # the scores differ from pair to pair
 
 
@@ -74,15 +79,8 @@ def test_unshared_prompts_score_like_padded_on_every_attention_path(impl):
     options = PK.PackOptions(rows=2, length=256, items_per_row=3, share_prompt=False)
     batch = PK.pack(pairs, options)
     assert "branch_RxN" not in batch
-    span = PK.span(MAX_PROMPT, MAX_RESPONSE, 2, share_prompt=False)
-    packed = rm.score_packed(jax.tree.map(jnp.asarray, batch), span)
-    padded = D.batch_preferences(pairs, seq_len=MAX_PROMPT + MAX_RESPONSE)
-    chosen = rm(jnp.asarray(padded["chosen_tokens_BxT"]), jnp.asarray(padded["chosen_mask_BxT"]))
-    rejected = rm(jnp.asarray(padded["rejected_tokens_BxT"]), jnp.asarray(padded["rejected_mask_BxT"]))
-    got = in_pack_order(packed, pairs, options)
-    np.testing.assert_allclose(got[:, 0], chosen, atol=1e-4, rtol=1e-5)
-    np.testing.assert_allclose(got[:, 1], rejected, atol=1e-4, rtol=1e-5)
-    assert np.std(np.asarray(chosen)) > 0.1
+    assert_scores_like_padded(rm, pairs, batch, options, PK.span(MAX_PROMPT, MAX_RESPONSE, 2, share_prompt=False),
+                              atol=1e-4)
 
 
 def test_packed_loss_and_adapter_gradients_equal_padded():
