@@ -67,7 +67,7 @@ def pieces(item) -> tuple[Sequence[int], tuple[Sequence[int], ...]]:
 
 def packed_length(item, share_prompt: bool = True) -> int:
     prompt, responses = pieces(item)
-    return len(prompt) * (1 if share_prompt else len(responses)) + sum(len(r) for r in responses)
+    return longest(len(prompt), 0, len(responses), share_prompt) + sum(len(r) for r in responses)
 
 
 def first_fit(lengths: Sequence[int], options: PackOptions) -> list[int] | None:
@@ -150,6 +150,11 @@ def pack(items: Sequence, options: PackOptions, *, pad_id: int = 0) -> dict[str,
         batch["branch_RxN"] = branch
     batch["margin_RxP" if K == 2 else "label_RxP"] = value
     return batch
+
+
+def longest(max_prompt_len: int, max_response_len: int, responses: int, share_prompt: bool = True) -> int:
+    """The most tokens one item of a config takes in a packed row (`packed_length` at the config's limits)."""
+    return max_prompt_len * (1 if share_prompt else responses) + responses * max_response_len
 
 
 def span(max_prompt_len: int, max_response_len: int, responses: int, share_prompt: bool = True) -> int:

@@ -155,8 +155,12 @@ def gathered(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
     rules = _ACTIVATION_RULES.get()
     if rules is None:
         return x
-    batch = {a for logical, mesh_axes in rules if logical == "batch" for a in _as_tuple(mesh_axes)}
-    return _placed(x, axes, drop=batch, where="weight")
+    return _placed(x, axes, drop=set(_batch_axes(rules)), where="weight")
+
+
+def _batch_axes(rules: Rules) -> list[str]:
+    """The mesh axes the rules split the batch over (FSDP's and data parallelism's), in rule order."""
+    return list(dict.fromkeys(a for logical, mesh_axes in rules if logical == "batch" for a in _as_tuple(mesh_axes)))
 
 
 def vocab_split(logits: jax.Array) -> jax.Array:
@@ -173,7 +177,7 @@ def vocab_split(logits: jax.Array) -> jax.Array:
     mesh = jax.sharding.get_abstract_mesh()
     if rules is None or mesh.empty or mesh.size == 1:
         return logits
-    names = [a for logical, mesh_axes in rules if logical == "batch" for a in _as_tuple(mesh_axes)]
+    names = _batch_axes(rules)
     names += [a for a in _as_tuple(logical_to_spec(("vocab",), rules, where="logits")[0]) if a not in names]
     names = [a for a in names if a in mesh.shape and mesh.shape[a] > 1]
     if not names or logits.shape[-1] % math.prod(mesh.shape[a] for a in names):

@@ -148,7 +148,7 @@ def _packed(data: DataConfig, loop: LoopConfig, pairwise: bool, pad_id: int, cen
                              "each packed row holds an equal share of a batch's items")
     responses = 2 if pairwise else 1
     span = packing.span(data.max_prompt_len, data.max_response_len, responses, data.pack_share_prompt)
-    longest = data.max_prompt_len * (1 if data.pack_share_prompt else responses) + responses * data.max_response_len
+    longest = packing.longest(data.max_prompt_len, data.max_response_len, responses, data.pack_share_prompt)
     if data.pack_length < longest:
         how = (f"max_prompt_len + {responses} x max_response_len" if data.pack_share_prompt else
                f"{responses} x (max_prompt_len + max_response_len), pack_share_prompt=False")
