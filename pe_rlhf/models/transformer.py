@@ -333,14 +333,16 @@ class Transformer(nnx.Module):
         the hidden states at those positions are returned, [B, M, D]: the last block computes its
         queries and MLP there alone (a reward head reads one token per sequence).
 
-        Under a mesh, cache-less passes keep their rows split as the sharding rules say; decoding with
-        a cache does not constrain its activations: there a few tokens per row meet whole layers of
+        Under a mesh, passes of several tokens per row (training, scoring, and a sampler's prefill into
+        its cache) keep their rows split as the sharding rules say; a decode step (one token per row,
+        with a cache) does not constrain its activations: there one token per row meets whole layers of
         weights, and rows split over the FSDP axis made XLA gather every layer's weights inside the
-        sampler's loop (docs/results.md, "Real sizes").
+        sampler's loop. A prefill left free was computed whole on every chip instead (docs/results.md,
+        "Real sizes").
         """
         kw = dict(positions_BxT=positions_BxT, input_mask_BxT=input_mask_BxT, cache=cache, packing=packing,
                   read_BxM=read_BxM)
-        if cache is None:
+        if cache is None or tokens_BxT.shape[1] > 1:
             return self._hidden(tokens_BxT, **kw)
         with free_activations():
             return self._hidden(tokens_BxT, **kw)

@@ -122,7 +122,8 @@ def activation_rules(rules: Rules | None):
 @contextlib.contextmanager
 def free_activations():
     """Within the block `constrain` does nothing (activations left to XLA) while `gathered` still places
-    weights by the rules in force: decoding with a KV cache runs so (`Transformer.hidden`)."""
+    weights by the rules in force: a decode step (one token per row, with a KV cache) runs so
+    (`Transformer.hidden`)."""
     token = _ACTIVATIONS_FREE.set(True)
     try:
         yield

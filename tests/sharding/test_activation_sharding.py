@@ -85,9 +85,11 @@ def test_split_activations_shrink_a_fsdp_reward_step():
 
 
 
-def test_decoding_with_a_cache_leaves_its_activations_to_xla():
-    """Cache-less passes constrain every block's residual, queries, keys, values and MLP intermediates;
-    a decode step constrains nothing (split rows made XLA gather every layer's weights in the sampler's loop)."""
+def test_a_decode_step_leaves_its_activations_to_xla_and_a_prefill_does_not():
+    """Cache-less passes and a prefill into the cache constrain every block's residual, queries, keys,
+    values and MLP intermediates; a decode step (one token per row) constrains nothing (split rows made
+    XLA gather every layer's weights in the sampler's loop, and a free prefill was computed whole on every
+    chip)."""
     model = Transformer(CFG, rngs=nnx.Rngs(0))
     graphdef, state = nnx.split(model)
     tokens = jnp.zeros((8, 4), jnp.int32)
@@ -101,7 +103,9 @@ def test_decoding_with_a_cache_leaves_its_activations_to_xla():
     full = constraints(lambda s, t: nnx.merge(graphdef, s).hidden(t)[0], state, tokens)
     # embedding + per layer: residual, q, k, v, gate, up
     assert full == 1 + CFG.num_layers * 6
-    assert constraints(lambda s, t, c: nnx.merge(graphdef, s).hidden(t, cache=c)[0], state, tokens, cache) == 0
+    with_cache = lambda s, t, c: nnx.merge(graphdef, s).hidden(t, cache=c)[0]
+    assert constraints(with_cache, state, tokens, cache) == full  # the prefill
+    assert constraints(with_cache, state, tokens[:, :1], cache) == 0  # a decode step
 
 
 def test_gathered_weights_keep_only_their_non_batch_axes():
@@ -128,7 +132,7 @@ def test_a_quantised_backbone_decodes_from_gathered_codes():
     model = Transformer(CFG, rngs=nnx.Rngs(0))
     quant.quantize_projections(model, "nf4")
     graphdef, state = nnx.split(model)
-    tokens = jnp.asarray(np.random.default_rng(1).integers(0, 128, (8, 4)), jnp.int32)
+    tokens = jnp.asarray(np.random.default_rng(1).integers(0, 128, (8, 1)), jnp.int32)  # a decode step
     cache = model.init_cache(8, 8)
     decode = lambda s, t, c: nnx.merge(graphdef, s).hidden(t, cache=c)[0]
     want = decode(state, tokens, cache)
