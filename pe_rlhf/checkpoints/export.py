@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pe_rlhf.checkpoints import hf
-from pe_rlhf.models import lora
+from pe_rlhf.models import lora, merging
 from pe_rlhf.models.config import ModelConfig, RopeConfig
 
 _ARCH = {
@@ -139,7 +139,7 @@ def export_merged(model, directory: str, *adapters: str, hf_config: dict | None 
     given, is saved beside the weights. Tensors keep the dtype they hold: a model fully tuned in bf16 holds
     its fp32 master weights (`train.precision`) and is written in fp32, and `config.json`'s `dtype` says so.
     """
-    plain = lora.merged_model(model, *adapters)
+    plain = merging.merged_model(model, *adapters)
     config = dict(hf_config) if hf_config is not None else hf_config_dict(model.config)
     tensors = hf.state_dict(plain)
     dtypes = {np.dtype(t.dtype).name for t in tensors.values()}

@@ -114,7 +114,7 @@ def interpolation(rl_dir: str, start: str, reward_model: str, gold, *, etas=(1.0
     from pe_rlhf.eval import winrate as W
     from pe_rlhf.eval.experiment import EvalConfig, sequence_logprobs
     from pe_rlhf.models.averaging import scale_adapter
-    from pe_rlhf.models.lora import merged_model
+    from pe_rlhf.models.merging import merged_model
     from pe_rlhf.train.records import read_run_info
     from pe_rlhf.train.rl_loop import EVAL_PROMPTS
 

@@ -28,7 +28,7 @@ from flax import nnx
 from pe_rlhf import data as D
 from pe_rlhf.checkpoints.load import load_backbone
 from pe_rlhf.eval import judge as J
-from pe_rlhf.models import lora
+from pe_rlhf.models import lora, merging
 from pe_rlhf.sampling.sampler import sample
 from pe_rlhf.train.records import lora_config_of, read_run_info
 
@@ -76,7 +76,7 @@ def restore_rl_policy(workdir: str, info: dict, *, dtype: str = "float32",
         step = ckpt.restore_module(modules, filter_, what="RL")
     finally:
         ckpt.close()
-    model = lora.merged_model(backbone, adapter) if info["tuning"] == "lora" and merged else backbone
+    model = merging.merged_model(backbone, adapter) if info["tuning"] == "lora" and merged else backbone
     return model, tokenizer, step
 
 

@@ -25,7 +25,7 @@ arXiv 2402.09353) adds a trainable magnitude m [out] and runs the kernel
 with ||V||_c held constant for gradients (the paper's section 4.3), as PEFT does; m starts at ||W||_c,
 so a fresh DoRA adapter also leaves the outputs unchanged. A DoRA adapter rescales the whole kernel,
 so on each projection it runs and merges alone: with any other adapter on or merged there,
-`use_adapters`, the forward pass, `merge_adapter` and `merged_kernels` raise `LoRAError`.
+`use_adapters`, the forward pass and the merging functions (`pe_rlhf.models.merging`) raise `LoRAError`.
 
 Several named adapters share one backbone (`policy`, `reward`). Which ones run is
 a static attribute set by `use_adapters(model, *names)`; `use_adapters(model)`
@@ -49,7 +49,7 @@ from flax import nnx
 
 from pe_rlhf.config_checks import boolean, check_fields, choice, integer, number, text
 from pe_rlhf.models import quant
-from pe_rlhf.models.transformer import Linear, Transformer, kernel_for
+from pe_rlhf.models.transformer import Linear, kernel_for
 
 log = logging.getLogger(__name__)
 
@@ -178,7 +178,7 @@ class LoRALinear(Linear):
     """A `Linear` with named adapters beside its base kernel and bias (same parameter paths).
 
     `active` names the adapters that run (static, set by `use_adapters`);
-    `merged` names those already added into `kernel` by `merge_adapter`, which
+    `merged` names those already added into `kernel` by `merging.merge_adapter`, which
     are then skipped in the forward pass. A DoRA adapter adds, as PEFT's forward,
 
         (r - 1) * (x @ W) + r * (x @ a @ b) * scale      r = m / ||V||_c
@@ -227,7 +227,8 @@ def check_dora_alone(m: LoRALinear, names, what: str, where: str = "this project
 
 
 # -- finding and wrapping projections ---------------------------------------------------
-def _path_str(path) -> str:
+def path_str(path) -> str:
+    """A parameter or module path as text, e.g. 'layers.3.attn.q_proj'."""
     return ".".join(str(p) for p in path)
 
 
@@ -317,9 +318,9 @@ def add_lora(model: nnx.Module, name: str = "policy", config: LoRAConfig = LoRAC
         raise LoRAError(f"adapter {name!r} already exists on this model; adapters: {adapter_names(model)}")
     pattern = re.compile(config.regex)
     projections = _projections(model)
-    targets = [(p, m) for p, m in projections if pattern.search(_path_str(p))]
+    targets = [(p, m) for p, m in projections if pattern.search(path_str(p))]
     if not targets:
-        examples = ", ".join(_path_str(p) for p, _ in projections[:7])
+        examples = ", ".join(path_str(p) for p, _ in projections[:7])
         raise LoRAError(
             f"LoRA targets {config.targets!r} (regex {config.regex!r}) match no projection of this model. "
             f"Projections look like: {examples}. Presets: {', '.join(TARGET_PRESETS)}."
@@ -328,7 +329,7 @@ def add_lora(model: nnx.Module, name: str = "policy", config: LoRAConfig = LoRAC
         d_in, d_out = m.kernel.get_value().shape
         if config.rank > min(d_in, d_out):
             raise LoRAError(
-                f"LoRA rank {config.rank} is larger than parameter {_path_str(p)}.kernel of shape "
+                f"LoRA rank {config.rank} is larger than parameter {path_str(p)}.kernel of shape "
                 f"[{d_in}, {d_out}]; use rank <= {min(d_in, d_out)} or leave this projection out of targets"
             )
 
@@ -388,7 +389,7 @@ def use_adapters(model: nnx.Module, *names: str):
         if off:
             raise LoRAError(f"use_adapters: adapter {off[0]!r} is merged into the base weights and cannot be "
                             f"switched off; call unmerge_adapter(model, {off[0]!r}) first")
-        check_dora_alone(m, names, "use_adapters", _path_str(path))
+        check_dora_alone(m, names, "use_adapters", path_str(path))
     saved = [(m, m.active) for m in modules]
     try:
         try:
@@ -407,108 +408,8 @@ def use_adapters(model: nnx.Module, *names: str):
                 m.active = active
 
 
-# -- merging -------------------------------------------------------------------------------
-def _carrying(model: nnx.Module, name: str) -> list[tuple[tuple, LoRALinear]]:
-    if name not in adapter_names(model):
-        raise LoRAError(f"no adapter named {name!r} on this model; adapters: {adapter_names(model)}")
-    return [(p, m) for p, m in lora_modules(model) if name in m.lora]
-
-
-def _check_not_quantized(modules, what: str) -> None:
-    quantized = [p for p, m in modules if isinstance(m.kernel, quant.QuantizedKernel)]
-    if quantized:
-        raise LoRAError(
-            f"{what}: {_path_str(quantized[0])}.kernel (and {len(quantized) - 1} more) is stored quantised and "
-            "frozen, so no adapter can be merged into it in place; `merged_model(model, name)` (and "
-            "`export_merged`) build a dense model with dequantised W + the update instead")
-
-
-def merge_adapter(model: nnx.Module, name: str) -> None:
-    """Fold adapter `name` into the base kernels in place (it is skipped in the forward pass after).
-
-    LoRA: W <- W + scale * a @ b. DoRA: W <- r * (W + scale * a @ b), r = m / ||V||_c; r is stored
-    beside the adapter (`merged_ratio`), as W cannot be recovered from the merged kernel without it.
-    """
-    modules = _carrying(model, name)
-    if any(name in m.merged for _, m in modules):
-        raise LoRAError(f"adapter {name!r} is already merged")
-    _check_not_quantized(modules, "merge_adapter")
-    for path, m in modules:
-        check_dora_alone(m, (name,), "merge_adapter", _path_str(path))
-    for _, m in modules:
-        adapter, w = m.lora[name], m.kernel.get_value()
-        v = w.astype(jnp.float32) + adapter.delta_kernel()
-        if adapter.dora:
-            ratio_O = adapter.dora_ratio(w)
-            adapter.merged_ratio = DoRAMergedRatio(ratio_O, logical_axes=adapter.magnitude.get_metadata().get(
-                "logical_axes", (None,)))
-            v = ratio_O * v
-        m.kernel.set_value(v.astype(w.dtype))
-        m.merged = m.merged + (name,)
-
-
-def unmerge_adapter(model: nnx.Module, name: str) -> None:
-    """Undo `merge_adapter`: W <- W - scale * a @ b, or for DoRA W <- W' / r - scale * a @ b with the stored r.
-
-    Exact up to rounding in the kernel dtype (and, for DoRA, the division by r), provided the adapter's
-    weights did not change while merged.
-    """
-    modules = _carrying(model, name)
-    if not any(name in m.merged for _, m in modules):
-        raise LoRAError(f"adapter {name!r} is not merged")
-    _check_not_quantized(modules, "unmerge_adapter")
-    for _, m in modules:
-        adapter, w = m.lora[name], m.kernel.get_value()
-        w32 = w.astype(jnp.float32)
-        if adapter.dora:
-            w32 = w32 / adapter.merged_ratio.get_value()
-            adapter.merged_ratio = None
-        m.kernel.set_value((w32 - adapter.delta_kernel()).astype(w.dtype))
-        m.merged = tuple(n for n in m.merged if n != name)
-
-
-def merged_kernels(model: nnx.Module, *names: str) -> dict[tuple, jax.Array]:
-    """Kernel path -> the kernel that `names` run, in the kernel dtype; the model is not changed.
-
-    LoRA adapters add up: W + sum over `names` of scale * a @ b. A DoRA adapter stands alone on its
-    projections: m * V / ||V||_c (`LoRAError` if another named or merged adapter shares one).
-    Adapters already merged in place are in W and are not added twice.
-    """
-    unknown = [n for n in names if n not in adapter_names(model)]
-    if unknown:
-        raise LoRAError(f"no adapter named {unknown} on this model; adapters: {adapter_names(model)}")
-    out = {}
-    for path, m in lora_modules(model):
-        check_dora_alone(m, names, "merged_kernels", _path_str(path))
-        todo = [n for n in names if n in m.lora and n not in m.merged]
-        if todo:
-            w = m.kernel.get_value()
-            if m.lora[todo[0]].dora:  # alone, by the check above
-                w32 = m.lora[todo[0]].adapted_kernel(w)
-            else:
-                w32 = w.astype(jnp.float32) + sum(m.lora[n].delta_kernel() for n in todo)
-            out[path + ("kernel",)] = w32.astype(w.dtype)
-    return out
-
-
-def merged_model(model: Transformer, *names: str) -> Transformer:
-    """A plain `Transformer` (no adapters) whose kernels have the named adapters merged in.
-
-    With no names it is the base model. Unchanged weights are shared, not copied. Quantised kernels
-    (`pe_rlhf.models.quant`) come out dense in the model dtype: dequantised W + the adapters' update.
-    """
-    kernels = {**quant.dequantized_kernels(model), **merged_kernels(model, *names)}
-    abstract = nnx.eval_shape(lambda: Transformer(model.config, dtype=model.dtype, rngs=nnx.Rngs(0)))
-    graphdef, state = nnx.split(abstract)
-    ours = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
-    flat = nnx.to_flat_state(state)
-    for path, var in flat:
-        var.set_value(kernels[path] if path in kernels else ours[path].get_value())
-    return nnx.merge(graphdef, nnx.from_flat_state(flat))
-
-
 __all__ = [
     "TARGET_PRESETS", "DoRAMergedRatio", "LoRAError", "LoRAParam", "LoRAConfig", "LoRAAdapter", "LoRALinear",
     "ParamCount", "add_lora", "adapter_filter", "adapter_names", "check_dora_alone", "lora_modules", "lora_scale",
-    "merge_adapter", "merged_kernels", "merged_model", "param_count", "unmerge_adapter", "use_adapters",
+    "param_count", "path_str", "use_adapters",
 ]

@@ -20,7 +20,7 @@ A `QuantizedKernel` reads like the `nnx.Param` it replaces: `kernel[...]` and `k
 the dequantised [in, out] kernel in the model dtype, so `Linear`, `LoRALinear` (LoRA and DoRA) and the
 merging code run unchanged on it. Its codes and scales are `QuantizedWeight` variables: not `nnx.Param`,
 so no trainable filter, gradient or optimizer state ever holds them. Writing into it (`set_value`, i.e.
-merging an adapter in place) is an error; `lora.merged_model` and the exports produce dense kernels,
+merging an adapter in place) is an error; `merging.merged_model` and the exports produce dense kernels,
 dequantised W plus the adapters' update.
 """
 
@@ -163,7 +163,7 @@ class QuantizedKernel(nnx.Module):
     def set_value(self, value):
         raise QuantizationError(
             "this kernel is stored quantised and frozen; it cannot be written (e.g. an adapter merged into it in "
-            "place). Build a dense copy with the adapter merged instead: lora.merged_model(model, name), or "
+            "place). Build a dense copy with the adapter merged instead: merging.merged_model(model, name), or "
             "export_merged / export_peft")
 
 

@@ -9,8 +9,8 @@ from flax import nnx
 
 from pe_rlhf.models import ModelConfig, Transformer
 from pe_rlhf.models.lora import (LoRAConfig, LoRAError, LoRALinear, LoRAParam, ParamCount, adapter_filter,
-                                 adapter_names, add_lora, lora_modules, merge_adapter, merged_model, param_count,
-                                 unmerge_adapter, use_adapters)
+                                 adapter_names, add_lora, lora_modules, param_count, use_adapters)
+from pe_rlhf.models.merging import merge_adapter, merged_model, unmerge_adapter
 
 CFG = ModelConfig()  # tiny Llama: D=64, 4 heads and 2 kv heads of 16, F=128, 2 layers, V=256, untied
 GEMMA = ModelConfig(family="gemma3", qk_norm=True, sliding_window=4, layer_types=("sliding_attention", "full_attention"),

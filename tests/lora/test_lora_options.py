@@ -12,8 +12,8 @@ from flax import nnx
 
 from pe_rlhf.models import ModelConfig, Transformer
 from pe_rlhf.models.lora import (DoRAMergedRatio, LoRAAdapter, LoRAConfig, LoRAError, LoRALinear, LoRAParam,
-                                 add_lora, lora_modules, merge_adapter, merged_kernels, merged_model, param_count,
-                                 unmerge_adapter, use_adapters)
+                                 add_lora, lora_modules, param_count, use_adapters)
+from pe_rlhf.models.merging import merge_adapter, merged_kernels, merged_model, unmerge_adapter
 from pe_rlhf.models.transformer import Linear
 from pe_rlhf.train.records import lora_config_of
 

@@ -19,7 +19,8 @@ from pe_rlhf.checkpoints import from_pretrained
 from pe_rlhf.checkpoints.export import export_merged, export_peft
 from pe_rlhf.models import quant
 from pe_rlhf.models.heads import RewardModel
-from pe_rlhf.models.lora import LoRAConfig, LoRAError, LoRAParam, add_lora, merge_adapter, merged_model, param_count
+from pe_rlhf.models.lora import LoRAConfig, LoRAError, LoRAParam, add_lora, param_count
+from pe_rlhf.models.merging import merge_adapter, merged_model
 from pe_rlhf.models.tiny import tiny_model
 from pe_rlhf.train.optim import OptimizerConfig, make_optimizer
 from pe_rlhf.train.supervised import DataConfig, LoopConfig, TuningConfig, trainable_filter

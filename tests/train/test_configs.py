@@ -173,7 +173,7 @@ def test_tiny_sft_runs_end_to_end_and_exports(registered, tmp_path):
 
     from pe_rlhf.checkpoints.orbax_io import RunCheckpointer
     from pe_rlhf.checkpoints import from_pretrained
-    from pe_rlhf.models import lora
+    from pe_rlhf.models import lora, merging
     from pe_rlhf.models.tiny import tiny_model
     from pe_rlhf.train.optim import guard_nonfinite, make_optimizer
     from pe_rlhf.train.supervised import trainable_filter
@@ -215,7 +215,7 @@ def test_tiny_sft_runs_end_to_end_and_exports(registered, tmp_path):
     assert exported_tokenizer(" Mix", add_special_tokens=False)["input_ids"] == tokenizer(
         " Mix", add_special_tokens=False)["input_ids"]
     trained = np.asarray(model(tokens_1xT))  # adapter applied as x@W + s*(x@a)@b
-    merged = np.asarray(lora.merged_model(model, "policy")(tokens_1xT))  # W + s*a@b
+    merged = np.asarray(merging.merged_model(model, "policy")(tokens_1xT))  # W + s*a@b
     loaded = np.asarray(exported(tokens_1xT))
     with lora.use_adapters(model):
         base = np.asarray(model(tokens_1xT))

@@ -12,7 +12,7 @@ import pytest
 from pe_rlhf.checkpoints.load import load_backbone
 from pe_rlhf.data import toy
 from pe_rlhf.eval import winrate
-from pe_rlhf.models import averaging, lora
+from pe_rlhf.models import averaging, lora, merging
 from pe_rlhf.models.heads import (EnsembleRule, RewardEnsemble, RewardModel, combine_rewards, member_stats,
                                   standardise_scores)
 from pe_rlhf.train.ensemble import train_reward_ensemble
@@ -130,8 +130,8 @@ def test_warm_adapter_is_the_exact_average_of_the_members_updates():
     rank = averaging.average_adapters(backbone, names, "warm", weights)
     assert rank == 4 + 5 + 6
     base = {p + ("kernel",): m.kernel[...] for p, m in lora.lora_modules(backbone)}
-    warm = lora.merged_kernels(backbone, "warm")
-    members = [lora.merged_kernels(backbone, n) for n in names]
+    warm = merging.merged_kernels(backbone, "warm")
+    members = [merging.merged_kernels(backbone, n) for n in names]
     for path, w in warm.items():
         expected = base[path] + sum(wk * (mk[path] - base[path]) for wk, mk in zip(weights, members))
         np.testing.assert_allclose(np.asarray(w), np.asarray(expected), atol=1e-6, rtol=0)
@@ -139,7 +139,7 @@ def test_warm_adapter_is_the_exact_average_of_the_members_updates():
     tokens, mask = _tokens()
     with lora.use_adapters(backbone, "warm"):
         ours = backbone(tokens, input_mask_BxT=mask)[0]
-    plain = lora.merged_model(backbone, "warm")
+    plain = merging.merged_model(backbone, "warm")
     np.testing.assert_allclose(np.asarray(ours), np.asarray(plain(tokens, input_mask_BxT=mask)[0]), atol=2e-4, rtol=0)
     with pytest.raises(lora.LoRAError, match="already exists"):
         averaging.average_adapters(backbone, names, "warm")
@@ -166,9 +166,9 @@ def test_dora_adapters_are_not_averaged():
 def test_scale_adapter_interpolates_the_update_exactly():
     backbone, _ = _members(["p"])
     base = {p + ("kernel",): m.kernel[...] for p, m in lora.lora_modules(backbone)}
-    full = lora.merged_kernels(backbone, "p")
+    full = merging.merged_kernels(backbone, "p")
     averaging.scale_adapter(backbone, "p", 0.25)
-    for path, w in lora.merged_kernels(backbone, "p").items():
+    for path, w in merging.merged_kernels(backbone, "p").items():
         np.testing.assert_allclose(np.asarray(w), np.asarray(base[path] + 0.25 * (full[path] - base[path])),
                                    atol=1e-6, rtol=0)
 

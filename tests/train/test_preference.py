@@ -14,7 +14,7 @@ from flax import nnx
 
 from pe_rlhf import data as D
 from pe_rlhf.eval import winrate
-from pe_rlhf.models import lora
+from pe_rlhf.models import lora, merging
 from pe_rlhf.models.tiny import tiny_model
 from pe_rlhf.train import supervised_steps
 from pe_rlhf.train.config import DataConfig, LoopConfig, TuningConfig
@@ -106,7 +106,7 @@ def test_step_reference_is_the_backbone_with_adapters_off():
     backbone, modules = _modules(perturb=True)
     graphdef, trainable, frozen = nnx.split(modules, policy_filter(TuningConfig(), "policy"), ...)
     loss, m = _loss(graphdef, trainable, frozen, _batch(), "dpo")
-    base, policy = lora.merged_model(backbone), lora.merged_model(backbone, "policy")  # two separate models
+    base, policy = merging.merged_model(backbone), merging.merged_model(backbone, "policy")  # two separate models
     pol = {s: np.array([_plain_logp(policy, p, s) for p in PAIRS]) for s in ("chosen", "rejected")}
     ref = {s: np.array([_plain_logp(base, p, s) for p in PAIRS]) for s in ("chosen", "rejected")}
     assert np.all(np.abs(pol["chosen"] - ref["chosen"]) > 1e-3)  # the adapter does move the policy
