@@ -43,6 +43,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from pe_rlhf.data.packing import CHUNK
 from pe_rlhf.models import lora, quant
 from pe_rlhf.models.attention import FUSED_IMPLS
 from pe_rlhf.models.config import ModelConfig
@@ -109,6 +110,11 @@ def _transformer(cfg: ModelConfig, dtype, seed: int, remat: bool, quantize: str 
     return model
 
 
+def _reward_model_builder(cfg: ModelConfig, dtype, tuning: TuningConfig, fmt: str | None):
+    """The RM steps' model builder: the backbone (frozen projections in `fmt`) with the head and `tuning`."""
+    return lambda: reward_model(_transformer(cfg, dtype, 0, False, fmt), tuning, "reward")
+
+
 def _options(where: str, cfg: ModelConfig, tuning: TuningConfig, quantize: str | None,
              attention_impl: str | None, *, frozen_models: bool) -> tuple[ModelConfig, TuningConfig, str | None]:
     """(cfg with `attention_impl` set, tuning, the frozen weights' format) after checking `quantize`.
@@ -156,10 +162,7 @@ def build_rm_step(cfg: ModelConfig, tuning: TuningConfig = TuningConfig(), *, pa
     dtype = _frozen(frozen_dtype)
     cfg, tuning, fmt = _options("build_rm_step", cfg, tuning, quantize, attention_impl, frozen_models=False)
 
-    def build():
-        backbone = _transformer(cfg, dtype, 0, False, fmt)
-        return reward_model(backbone, tuning, "reward")
-
+    build = _reward_model_builder(cfg, dtype, tuning, fmt)
     tokens = jax.ShapeDtypeStruct((pairs, seq_len), jnp.int32)
     batch = {"chosen_tokens_BxT": tokens, "rejected_tokens_BxT": tokens,
              "chosen_mask_BxT": tokens, "rejected_mask_BxT": tokens}
@@ -185,18 +188,16 @@ def build_packed_rm_step(cfg: ModelConfig, tuning: TuningConfig = TuningConfig()
     dtype = _frozen(frozen_dtype)
     cfg, tuning, fmt = _options("build_packed_rm_step", cfg, tuning, quantize, attention_impl, frozen_models=False)
 
-    def build():
-        return reward_model(_transformer(cfg, dtype, 0, False, fmt), tuning, "reward")
-
+    build = _reward_model_builder(cfg, dtype, tuning, fmt)
     tokens = jax.ShapeDtypeStruct((rows, length), jnp.int32)
     per_item = jax.ShapeDtypeStruct((rows, pairs_per_row), jnp.float32)
     batch = {"tokens_RxN": tokens, "positions_RxN": tokens, "segment_RxN": tokens,
              "read_RxPxK": jax.ShapeDtypeStruct((rows, pairs_per_row, 2), jnp.int32), "valid_RxP": per_item,
              "margin_RxP": per_item, **({"branch_RxN": tokens} if share_prompt else {})}
     fused = cfg.attention_impl in FUSED_IMPLS and not share_prompt
-    blocks = -(-(span - 1) // 64) + 1  # key chunks per query chunk of the XLA path (`attention.packed_masks`)
+    blocks = -(-(span - 1) // CHUNK) + 1  # key chunks per query chunk of the XLA path (`attention.packed_masks`)
     estimates = {"hidden_per_layer": rows * length * cfg.hidden_size * 4,
-                 **({} if fused else {"attention_probs_per_layer": rows * cfg.num_heads * length * blocks * 64 * 4})}
+                 **({} if fused else {"attention_probs_per_layer": rows * cfg.num_heads * length * blocks * CHUNK * 4})}
     layout = "shared prompt" if share_prompt else "prompt per response"
     loss_fn = functools.partial(supervised_steps.packed_pairwise_reward_loss, span=span)
     return _supervised_spec(f"rm packed ({layout})/{tuning_label(tuning)}{_variant(cfg, fmt)}", build,
