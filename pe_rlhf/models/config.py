@@ -286,6 +286,13 @@ PRESETS: dict[str, ModelConfig] = {
                         original_max_position_embeddings=8192),
         bos_token_id=128000, eos_token_ids=(128001, 128009),
     ),
+    "llama3-70b": ModelConfig(
+        family="llama", vocab_size=128_256, hidden_size=8192, intermediate_size=28_672, num_layers=80,
+        num_heads=64, num_kv_heads=8, head_dim=128, rms_norm_eps=1e-5,
+        rope=RopeConfig(theta=500_000.0, kind="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                        original_max_position_embeddings=8192),
+        bos_token_id=128000, eos_token_ids=(128001, 128009),
+    ),
     "qwen2.5-0.5b": ModelConfig(
         family="qwen2", vocab_size=151_936, hidden_size=896, intermediate_size=4864, num_layers=24,
         num_heads=14, num_kv_heads=2, head_dim=64, rope=RopeConfig(theta=1_000_000.0), qkv_bias=True,
