@@ -342,10 +342,33 @@ class Transformer(nnx.Module):
         """
         kw = dict(positions_BxT=positions_BxT, input_mask_BxT=input_mask_BxT, cache=cache, packing=packing,
                   read_BxM=read_BxM)
-        if cache is None or tokens_BxT.shape[1] > 1:
+        if cache is None:
+            return self._hidden(tokens_BxT, **kw)[0], None
+        if tokens_BxT.shape[1] > 1:
             return self._hidden(tokens_BxT, **kw)
         with free_activations():
             return self._hidden(tokens_BxT, **kw)
+
+    def prefill(self, tokens_BxT, *, input_mask_BxT=None, length: int):
+        """A prompt's pass into a fresh KV cache of `length` slots: (hidden states [B, T, D], the cache).
+
+        The same values as `hidden(tokens_BxT, cache=self.init_cache(B, length))`, computed as a cache-less
+        pass: attention over the prompt alone takes the fused kernel where `attention_impl` chooses one
+        (a pass with a cache always runs the 'xla' path, [B, N, T, S] scores), and under a mesh the rows
+        stay split as in training. The sampler prefills so. Cached keys and values at left-padding slots
+        may differ between attention paths; the cache's mask hides them.
+        """
+        b, t = tokens_BxT.shape
+        if t > length:
+            raise ValueError(f"Transformer.prefill: a prompt of {t} tokens does not fit a cache of {length} slots")
+        input_mask_BxT = jnp.ones((b, t), bool) if input_mask_BxT is None else input_mask_BxT.astype(bool)
+        x_BxTxD, (k_layers, v_layers) = self._hidden(tokens_BxT, positions_BxT=None, input_mask_BxT=input_mask_BxT,
+                                                     cache=None, packing=None, read_BxM=None)
+        empty = self.init_cache(b, length)
+        put = lambda slots, new: jax.lax.dynamic_update_slice(slots, new.astype(slots.dtype), (0, 0, 0, 0))
+        return x_BxTxD, KVCache(k=tuple(map(put, empty.k, k_layers)), v=tuple(map(put, empty.v, v_layers)),
+                                mask_BxS=jax.lax.dynamic_update_slice(empty.mask_BxS, input_mask_BxT, (0, 0)),
+                                end=jnp.asarray(t, jnp.int32))
 
     def _hidden(self, tokens_BxT, *, positions_BxT, input_mask_BxT, cache, packing, read_BxM):
         cfg = self.config
@@ -414,8 +437,8 @@ class Transformer(nnx.Module):
             new_k.append(k)
             new_v.append(v)
         x_BxTxD = self.final_norm(x_BxTxD)
-        if cache is None:
-            return x_BxTxD, None
+        if cache is None:  # each layer's keys and values, for `prefill`
+            return x_BxTxD, (tuple(new_k), tuple(new_v))
         return x_BxTxD, KVCache(k=tuple(new_k), v=tuple(new_v), mask_BxS=key_mask_BxS, end=end + t)
 
     def logits(self, x_BxTxD):

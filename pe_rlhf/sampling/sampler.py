@@ -84,10 +84,10 @@ def sample_traced(model: Transformer, prompt_BxT, prompt_mask_BxT, greedy_B, rng
     """The sampler's body, for use inside a function that is already being jit-compiled (the RL step)."""
     b, t = prompt_BxT.shape
     n = cfg.max_new_tokens
-    cache = model.init_cache(b, t + n)
-    # prefill: vocabulary logits at the last prompt position only (not [B, T, V], which for a
-    # 262k vocabulary is the largest buffer of a long-prompt rollout)
-    h_BxTxD, cache = model.hidden(prompt_BxT, input_mask_BxT=prompt_mask_BxT, cache=cache)
+    # prefill (attention over the prompt by the model's kernel; `Transformer.prefill`): vocabulary logits
+    # at the last prompt position only (not [B, T, V], which for a 262k vocabulary is the largest buffer
+    # of a long-prompt rollout)
+    h_BxTxD, cache = model.prefill(prompt_BxT, input_mask_BxT=prompt_mask_BxT, length=t + n)
     eos_E = jnp.asarray(eos_ids if eos_ids else (-1,), jnp.int32)
 
     state = SamplingState(
@@ -152,10 +152,10 @@ def sample(model: Transformer, prompt_BxT, prompt_mask_BxT=None, *, rng=None, ma
 
 
 # -- one prompt, token by token ----------------------------------------------------------------------
-@functools.partial(jax.jit, static_argnums=0)
-def _prefill(graphdef, state, prompt_1xT, prompt_mask_1xT, cache):
+@functools.partial(jax.jit, static_argnums=(0, 4))
+def _prefill(graphdef, state, prompt_1xT, prompt_mask_1xT, length):
     model = nnx.merge(graphdef, state)
-    h_1xTxD, cache = model.hidden(prompt_1xT, input_mask_BxT=prompt_mask_1xT, cache=cache)
+    h_1xTxD, cache = model.prefill(prompt_1xT, input_mask_BxT=prompt_mask_1xT, length=length)
     return model.logits(h_1xTxD[:, -1]), cache
 
 
@@ -186,7 +186,7 @@ def stream(model: Transformer, prompt_ids: Sequence[int], *, rng=None, max_new_t
     cfg = SamplingConfig(max_new_tokens=n, temperature=float(temperature), top_k=top_k, top_p=top_p)
     rng = jax.random.key(0) if rng is None else rng
     graphdef, state = nnx.split(model)
-    logits_1xV, cache = _prefill(graphdef, state, prompt_1xT, mask_1xT, model.init_cache(1, t + n))
+    logits_1xV, cache = _prefill(graphdef, state, prompt_1xT, mask_1xT, t + n)
     for _ in range(n):
         rng, step_rng = jax.random.split(rng)
         tok, logits_1xV, cache = _next_token(graphdef, state, logits_1xV, cache, step_rng, cfg)

@@ -163,3 +163,31 @@ def test_tied_logits_equal_the_plain_product(shape, vocab):
     assert got.shape == (*shape, vocab) and got.dtype == jnp.float32
     want = np.einsum("...d,vd->...v", np.asarray(x, np.float64), np.asarray(emb, np.float64))
     np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("impl", ["xla", "mosaic_tpu", "cudnn"])
+def test_prefill_equals_a_pass_into_a_fresh_cache(model, impl):
+    """`Transformer.prefill` (cache-less, the model's attention kernel) fills the cache that `hidden` with a fresh
+    cache fills (the 'xla' path over slots): the same hidden states, keys and values at real tokens, mask and end,
+    and the same next decode step. On the CPU 'mosaic_tpu' is the splash kernel in interpret mode."""
+    fused = randomize(Transformer(model.config.replace(attention_impl=impl), rngs=nnx.Rngs(0)), seed=3)
+    ids_BxT, mask_BxT = _prompt(PROMPT_LENGTHS, T)
+    b, length = ids_BxT.shape[0], T + STEPS + SPARE
+    want_h, want = nnx.jit(lambda m, i, c, k: m.hidden(i, input_mask_BxT=k, cache=c))(
+        model, ids_BxT, model.init_cache(b, length), mask_BxT)
+    got_h, got = nnx.jit(lambda m, i, k: m.prefill(i, input_mask_BxT=k, length=length))(fused, ids_BxT, mask_BxT)
+    real_BxT = np.asarray(mask_BxT)
+    np.testing.assert_allclose(np.asarray(got_h)[real_BxT], np.asarray(want_h)[real_BxT], rtol=0, atol=1e-5)
+    assert int(got.end) == int(want.end) == T and got.length == length
+    np.testing.assert_array_equal(np.asarray(got.mask_BxS), np.asarray(want.mask_BxS))
+    for layer in range(model.config.num_layers):
+        for a, c in ((got.k[layer], want.k[layer]), (got.v[layer], want.v[layer])):
+            assert a.shape == c.shape and a.dtype == c.dtype
+            np.testing.assert_allclose(np.asarray(a)[:, :T][real_BxT], np.asarray(c)[:, :T][real_BxT], rtol=0, atol=1e-5)
+            assert not np.asarray(a)[:, T:].any()  # slots not yet written stay zero
+    nxt_Bx1 = jnp.asarray(np.asarray(want_h[:, -1].argmax(-1))[:, None])  # any token; the same from both caches
+    a, _ = _decode(model, nxt_Bx1, want, None)
+    c, _ = _decode(fused, nxt_Bx1, got, None)
+    np.testing.assert_allclose(np.asarray(c), np.asarray(a), rtol=0, atol=1e-4)
+    with pytest.raises(ValueError, match="6 tokens does not fit a cache of 5 slots"):
+        fused.prefill(jnp.zeros((1, 6), jnp.int32), length=5)
