@@ -85,8 +85,9 @@ def main(argv=None) -> int:
     for d in args.rm:
         cache = f"{args.out}.{os.path.basename(os.path.normpath(d))}.npy"
         start = time.time()
-        if os.path.exists(cache) and len(np.load(cache)) == len(examples):
-            by_rm[d] = np.load(cache)
+        cached = np.load(cache) if os.path.exists(cache) else None
+        if cached is not None and len(cached) == len(examples):
+            by_rm[d] = cached
         else:
             by_rm[d] = margins(d, prompts, [e.chosen for e in examples], [e.rejected for e in examples])
             np.save(cache, by_rm[d])
