@@ -26,7 +26,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx, struct
+from flax import nnx
 
 from pe_rlhf.models.attention import (
     LocalMask,
@@ -40,6 +40,7 @@ from pe_rlhf.models.attention import (
     packed_query_masks,
 )
 from pe_rlhf.models.config import ModelConfig
+from pe_rlhf.models.kv_cache import KVCache
 from pe_rlhf.sharding.rules import constrain, free_activations, vocab_split
 
 _MASKED = -2.3819763e38  # large finite negative: fully masked rows stay finite
@@ -102,30 +103,6 @@ def apply_rope(x_BxTxNxH, positions_BxT, inv_freq_h):
     x1, x2 = jnp.split(x, 2, axis=-1)
     rotated = jnp.concatenate([-x2, x1], axis=-1)
     return (x * cos + rotated * sin).astype(x_BxTxNxH.dtype)
-
-
-@struct.dataclass
-class KVCache:
-    """Keys and values of every layer, written slot by slot as tokens arrive.
-
-    `mask_BxS` marks the slots that hold real tokens (left padding stays False);
-    `end` is the number of slots written so far, the same for every row.
-    """
-
-    k: tuple  # per layer: [B, S, K, H]
-    v: tuple
-    mask_BxS: jax.Array
-    end: jax.Array  # int32 scalar
-
-    @classmethod
-    def init(cls, cfg: ModelConfig, batch: int, length: int, dtype=jnp.float32) -> "KVCache":
-        shape = (batch, length, cfg.num_kv_heads, cfg.head_dim)
-        zeros = tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers))
-        return cls(k=zeros, v=zeros, mask_BxS=jnp.zeros((batch, length), bool), end=jnp.zeros((), jnp.int32))
-
-    @property
-    def length(self) -> int:
-        return self.mask_BxS.shape[1]
 
 
 _SPLIT_VOCAB_MAX_ROWS = 32  # from 64 rows the split gains nothing on the CPU, at 256 it is slower
@@ -364,11 +341,7 @@ class Transformer(nnx.Module):
         input_mask_BxT = jnp.ones((b, t), bool) if input_mask_BxT is None else input_mask_BxT.astype(bool)
         x_BxTxD, (k_layers, v_layers) = self._hidden(tokens_BxT, positions_BxT=None, input_mask_BxT=input_mask_BxT,
                                                      cache=None, packing=None, read_BxM=None)
-        empty = self.init_cache(b, length)
-        put = lambda slots, new: jax.lax.dynamic_update_slice(slots, new.astype(slots.dtype), (0, 0, 0, 0))
-        return x_BxTxD, KVCache(k=tuple(map(put, empty.k, k_layers)), v=tuple(map(put, empty.v, v_layers)),
-                                mask_BxS=jax.lax.dynamic_update_slice(empty.mask_BxS, input_mask_BxT, (0, 0)),
-                                end=jnp.asarray(t, jnp.int32))
+        return x_BxTxD, self.init_cache(b, length).write(k_layers, v_layers, input_mask_BxT)
 
     def _hidden(self, tokens_BxT, *, positions_BxT, input_mask_BxT, cache, packing, read_BxM):
         cfg = self.config

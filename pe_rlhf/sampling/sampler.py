@@ -20,7 +20,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
-from pe_rlhf.models.transformer import KVCache, Transformer
+from pe_rlhf.models.kv_cache import KVCache
+from pe_rlhf.models.transformer import Transformer
 
 
 @dataclasses.dataclass(frozen=True)

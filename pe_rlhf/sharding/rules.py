@@ -62,7 +62,7 @@ DEFAULT_RULES: tuple[tuple[str, MeshAxes], ...] = (
     ("cache_seq", None),
 )
 
-# Logical axes of the KV cache arrays (see models.transformer.KVCache).
+# Logical axes of the KV cache arrays (see models.kv_cache.KVCache).
 CACHE_KV_AXES = ("batch", "cache_seq", "kv", "head_dim")  # k, v: [B, S, K, H]
 CACHE_MASK_AXES = ("batch", "cache_seq")
 

@@ -191,3 +191,23 @@ def test_prefill_equals_a_pass_into_a_fresh_cache(model, impl):
     np.testing.assert_allclose(np.asarray(c), np.asarray(a), rtol=0, atol=1e-4)
     with pytest.raises(ValueError, match="6 tokens does not fit a cache of 5 slots"):
         fused.prefill(jnp.zeros((1, 6), jnp.int32), length=5)
+
+
+def test_write_puts_tokens_at_the_end_slots():
+    """Two writes of 2 and 1 tokens into 4 slots: each at the slots after the last, by hand."""
+    from pe_rlhf.models import KVCache
+
+    cfg = CONFIGS["llama"]
+    cache = KVCache.init(cfg, batch=2, length=4)
+    shape = lambda t: (2, t, cfg.num_kv_heads, cfg.head_dim)
+    k1, v1 = [jnp.full(shape(2), 1.0 + i) for i in range(cfg.num_layers)], [jnp.full(shape(2), -1.0 - i)
+                                                                             for i in range(cfg.num_layers)]
+    k2, v2 = [jnp.full(shape(1), 10.0 + i) for i in range(cfg.num_layers)], [jnp.full(shape(1), -10.0 - i)
+                                                                              for i in range(cfg.num_layers)]
+    cache = cache.write(k1, v1, jnp.array([[False, True], [True, True]]))
+    cache = cache.write(k2, v2, jnp.array([[True], [True]]))
+    assert int(cache.end) == 3
+    np.testing.assert_array_equal(cache.mask_BxS, [[False, True, True, False], [True, True, True, False]])
+    for i in range(cfg.num_layers):
+        np.testing.assert_array_equal(cache.k[i][0, :, 0, 0], [1 + i, 1 + i, 10 + i, 0])
+        np.testing.assert_array_equal(cache.v[i][1, :, 1, 3], [-1 - i, -1 - i, -10 - i, 0])
