@@ -125,7 +125,9 @@ def _variant(row) -> str:
 
 
 def plots(rows: list[dict], ratio_rows: list[dict], sizes: dict[str, int], out: str) -> list[str]:
-    """peak_by_rank.png, lora_full_ratio_by_size.png, remax_ppo_ratio.png under `out`; returns their paths."""
+    """peak_by_rank.png, lora_full_ratio_by_size.png, remax_ppo_ratio.png and ratio_by_format.png (each LoRA
+    step over its baseline, by frozen format and attention path; dashed: the QLoRA targets at 2,048 / 1,024 +
+    512 tokens, RM 0.20 and PE-ReMax 0.12) under `out`; returns their paths."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -209,6 +211,32 @@ def plots(rows: list[dict], ratio_rows: list[dict], sizes: dict[str, int], out: 
     if not bars:
         ax.text(0.5, 0.5, "no ReMax / PPO pairs", ha="center", transform=ax.transAxes)
     paths.append(_save(fig, out, "remax_ppo_ratio.png"))
+    # 4. each LoRA step's ratio to its baseline by frozen format and attention path, per model and step
+    fig, axes = plt.subplots(1, 2, figsize=(9.6, 4.2), sharey=True)
+    for ax, stage, title, target in ((axes[0], "rm", "LoRA RM / full RM", 0.20),
+                                     (axes[1], "remax", "PE-ReMax / full PPO", 0.12)):
+        cells = {}
+        for r in lora:
+            if r["stage"] == stage and r.get("memory") is not None:
+                ratio = _ratio(r, baseline(rows, r, "rm" if stage == "rm" else "ppo"), "peak_bytes")
+                if ratio is not None:
+                    cells[(r["preset"], f"r{r['rank']}{_variant(r)}")] = ratio
+        presets = sorted({p for p, _ in cells}, key=lambda p: sizes.get(p, 0))
+        variants = sorted({v for _, v in cells})
+        width = 0.8 / max(len(variants), 1)
+        for i, v in enumerate(variants):
+            xs = [j + (i - (len(variants) - 1) / 2) * width for j, p in enumerate(presets) if (p, v) in cells]
+            ys = [cells[(p, v)] for p in presets if (p, v) in cells]
+            ax.bar_label(ax.bar(xs, ys, width=width, label=v.strip()), fmt="%.3f", fontsize=6)
+        ax.axhline(target, color="r", ls="--", lw=1, label=f"{target:.2f}")
+        ax.set_xticks(range(len(presets)), presets, fontsize=7)
+        ax.set_title(title, fontsize=9)
+        if cells:
+            ax.legend(fontsize=6)
+        else:
+            ax.text(0.5, 0.5, "no rows", ha="center", transform=ax.transAxes)
+    axes[0].set_ylabel("peak / baseline's peak (per device)")
+    paths.append(_save(fig, out, "ratio_by_format.png"))
     return paths
 
 

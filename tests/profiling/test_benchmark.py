@@ -58,7 +58,7 @@ def test_table_plots_and_resume(grid):
     out, _ = grid
     table = (out / "table.md").read_text()
     assert table.count("| gemma3-270m |") == 4 + 2  # four rows of the grid, two ratio rows
-    for name in ("peak_by_rank.png", "lora_full_ratio_by_size.png", "remax_ppo_ratio.png"):
+    for name in ("peak_by_rank.png", "lora_full_ratio_by_size.png", "remax_ppo_ratio.png", "ratio_by_format.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     lines = (out / "rows.jsonl").read_text().splitlines()
     assert len(lines) == 4 and all(json.loads(line)["preset"] == "gemma3-270m" for line in lines)
