@@ -98,10 +98,24 @@ def dequantize_kernel(codes, scales, fmt: str, dtype=jnp.float32):
     if fmt == "int4":  # sign-extend the nibble: 8..15 stand for -8..-1
         values = jnp.where(nibbles >= 8, nibbles.astype(jnp.int8) - 16, nibbles.astype(jnp.int8))
         return qwix.dequantize(qwix.QArray(values, scales, qtype=jnp.int4))
-    # nf4: qwix looks the codes up in a float32 table; looking them up in `dtype` keeps the kernel in it
-    values = jnp.asarray(_nf4_values(), dtype)[nibbles]
+    values = _nf4_lookup(nibbles, dtype)
     blocks = scales.shape[0]
     return (values.reshape(blocks, -1, values.shape[1]) * scales[:, None, :]).reshape(values.shape)
+
+
+def _nf4_lookup(nibbles, dtype):
+    """The NormalFloat-4 values of 4-bit codes, in `dtype`: a tree of 15 selects on the code's bits.
+
+    The same values as indexing the 16-entry table (qwix looks codes up in a float32 table; here they are
+    looked up in `dtype`, which keeps the kernel in it). A select is elementwise, where an indexed lookup is a
+    gather: XLA can fuse selects into the product that consumes the kernel instead of writing the
+    dequantised kernel out as a temporary, as it does for int8's multiply.
+    """
+    values = [jnp.asarray(v, dtype) for v in _nf4_values()]
+    for bit in range(4):  # bit 0 picks within pairs, bit 3 between the halves
+        set_ = (nibbles >> bit) & 1 == 1
+        values = [jnp.where(set_, values[2 * j + 1], values[2 * j]) for j in range(len(values) // 2)]
+    return values[0]
 
 
 @functools.cache

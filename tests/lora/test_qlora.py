@@ -65,6 +65,21 @@ def test_hand_computed_codes():
                                [1.0, -1.0, 0.44070982933044434, 0.07958029955625534], rtol=1e-7)
 
 
+def test_nf4_codes_are_looked_up_by_selects_not_a_gather():
+    """Every code's value is qwix's NF4 value (float32 exactly; bfloat16 its rounding), and the lookup has no
+    gather: selects fuse into the product that reads the kernel, a gather does not (docs/results.md)."""
+    import qwix
+
+    codes = jnp.arange(16, dtype=jnp.uint8).reshape(4, 4)
+    ref = np.asarray(qwix.dequantize(qwix.QArray(codes, jnp.ones((1, 1), jnp.float32), qtype="nf4")))
+    assert ref[0, 0] == -1.0 and ref[3, 3] == 1.0 and len(np.unique(ref)) == 16
+    np.testing.assert_array_equal(np.asarray(quant._nf4_lookup(codes, jnp.float32)), ref)
+    np.testing.assert_array_equal(np.asarray(quant._nf4_lookup(codes, jnp.bfloat16)), ref.astype(jnp.bfloat16))
+    packed, scales = quant.quantize_kernel(jax.random.normal(jax.random.key(0), (128, 8)), "nf4")
+    jaxpr = jax.make_jaxpr(lambda c, s: quant.dequantize_kernel(c, s, "nf4", jnp.bfloat16))(packed, scales)
+    assert "gather" not in {eqn.primitive.name for eqn in jaxpr.jaxpr.eqns}
+
+
 @pytest.mark.parametrize("fmt", quant.FORMATS)
 def test_round_trip_error_bounds(fmt):
     """|dequant(quant(w)) - w| <= half a step: s / 2 for int8 (s = column absmax / 127.5, fp32);
