@@ -222,7 +222,8 @@ def plots(rows: list[dict], ratio_rows: list[dict], sizes: dict[str, int], out: 
                 if ratio is not None:
                     cells[(r["preset"], f"r{r['rank']}{_variant(r)}")] = ratio
         presets = sorted({p for p, _ in cells}, key=lambda p: sizes.get(p, 0))
-        variants = sorted({v for _, v in cells})
+        fmt_order = lambda v: next((i for i, f in enumerate(("int8", "int4", "nf4")) if f" {f} " in v + " "), -1)
+        variants = sorted({v for _, v in cells}, key=lambda v: (fmt_order(v), v))  # unquantised, then by bytes
         width = 0.8 / max(len(variants), 1)
         for i, v in enumerate(variants):
             xs = [j + (i - (len(variants) - 1) / 2) * width for j, p in enumerate(presets) if (p, v) in cells]
