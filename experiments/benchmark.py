@@ -40,11 +40,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # benchmark_report.py, beside this file
 
 from benchmark_report import (  # noqa: E402
-    BASELINE, TARGETS, _dtype, _gib, _name, attention_of, markdown, plots, quantize_of, ratios,
+    BASELINE, QUANTIZE, TARGETS, _dtype, _gib, _name, attention_of, markdown, plots, quantize_of, ratios,
 )
 
 STAGES = ("rm", "reinforce", "remax", "ppo")
-QUANTIZE = ("none", "int8", "int4", "nf4")
 ATTENTION = ("auto", "xla", "mosaic_tpu", "cudnn")
 
 

@@ -17,6 +17,10 @@ BASELINE = ("the fully tuned step of the same preset, remat and model dtype (flo
             "full row), frozen weights unquantised, XLA attention")
 
 
+FULL_STAGE = {"rm": "rm", "remax": "ppo"}  # the fully tuned step a LoRA step is compared with
+QUANTIZE = ("none", "int8", "int4", "nf4")  # frozen formats (benchmark.py --quantize), by stored bytes
+
+
 def _gib(n) -> str:
     return "n/a" if n is None else f"{n / 2**30:.2f}"
 
@@ -80,7 +84,7 @@ def ratios(rows: list[dict], presets: list[str]) -> list[dict]:
                       key=lambda r: (r["stage"] != "rm", r["tuning"].endswith("-remat"), _dtype(r) != "float32",
                                      r["rank"], quantize_of(r) != "none", quantize_of(r), attention_of(r)))
         for r in lora:
-            full_stage = {"rm": "rm", "remax": "ppo"}.get(r["stage"])
+            full_stage = FULL_STAGE.get(r["stage"])
             full = full_stage and baseline(rows, r, full_stage)
             if full:
                 add(p, f"{'RM' if r['stage'] == 'rm' else 'ReMax'} {_name(r)} / {full_stage.upper()} {_name(full)}",
@@ -149,7 +153,7 @@ def plots(rows: list[dict], ratio_rows: list[dict], sizes: dict[str, int], out: 
         line, = ax.plot([r["rank"] for r in group], ys, "o-" if stage == "rm" else "s--",
                         label=f"{p} {'RM' if stage == 'rm' else 'PE-ReMax'} LoRA{variant}")
         peaks += ys
-        full = baseline(rows, group[0], "rm" if stage == "rm" else "ppo")
+        full = baseline(rows, group[0], FULL_STAGE[stage])
         if full:
             ax.axhline(full["peak_bytes"] / 2**30, color=line.get_color(), ls=":", lw=1.2)
             peaks.append(full["peak_bytes"] / 2**30)
@@ -174,7 +178,7 @@ def plots(rows: list[dict], ratio_rows: list[dict], sizes: dict[str, int], out: 
     series = {}
     for r in lora:
         if r["stage"] in ("rm", "remax"):
-            ratio = _ratio(r, baseline(rows, r, "rm" if r["stage"] == "rm" else "ppo"), "peak_bytes")
+            ratio = _ratio(r, baseline(rows, r, FULL_STAGE[r["stage"]]), "peak_bytes")
             if ratio is not None and r["preset"] in sizes:
                 series.setdefault((r["stage"], r["rank"], _variant(r)), []).append((sizes[r["preset"]], ratio))
     for (stage, rank, variant), pts in sorted(series.items()):
@@ -215,15 +219,16 @@ def plots(rows: list[dict], ratio_rows: list[dict], sizes: dict[str, int], out: 
     fig, axes = plt.subplots(1, 2, figsize=(9.6, 4.2), sharey=True)
     for ax, stage, title, target in ((axes[0], "rm", "LoRA RM / full RM", 0.20),
                                      (axes[1], "remax", "PE-ReMax / full PPO", 0.12)):
-        cells = {}
+        cells, fmt_rank = {}, {}
         for r in lora:
             if r["stage"] == stage and r.get("memory") is not None:
-                ratio = _ratio(r, baseline(rows, r, "rm" if stage == "rm" else "ppo"), "peak_bytes")
+                ratio = _ratio(r, baseline(rows, r, FULL_STAGE[stage]), "peak_bytes")
                 if ratio is not None:
-                    cells[(r["preset"], f"r{r['rank']}{_variant(r)}")] = ratio
+                    variant = f"r{r['rank']}{_variant(r)}"
+                    cells[(r["preset"], variant)] = ratio
+                    fmt_rank[variant] = QUANTIZE.index(quantize_of(r))
         presets = sorted({p for p, _ in cells}, key=lambda p: sizes.get(p, 0))
-        fmt_order = lambda v: next((i for i, f in enumerate(("int8", "int4", "nf4")) if f" {f} " in v + " "), -1)
-        variants = sorted({v for _, v in cells}, key=lambda v: (fmt_order(v), v))  # unquantised, then by bytes
+        variants = sorted(fmt_rank, key=lambda v: (fmt_rank[v], v))  # unquantised, then by stored bytes
         width = 0.8 / max(len(variants), 1)
         for i, v in enumerate(variants):
             xs = [j + (i - (len(variants) - 1) / 2) * width for j, p in enumerate(presets) if (p, v) in cells]
@@ -251,4 +256,4 @@ def _save(fig, out, name) -> str:
     return path
 
 
-__all__ = ["BASELINE", "TARGETS", "attention_of", "baseline", "markdown", "options", "plots", "quantize_of", "ratios"]
+__all__ = ["BASELINE", "FULL_STAGE", "QUANTIZE", "TARGETS", "attention_of", "baseline", "markdown", "options", "plots", "quantize_of", "ratios"]
