@@ -36,6 +36,10 @@ class KVCache:
     def length(self) -> int:
         return self.mask_BxS.shape[1]
 
+    def mask_after(self, input_mask_BxT) -> jax.Array:
+        """The slots' mask [B, S] once T more tokens (real where `input_mask_BxT`) are written at `end`."""
+        return jax.lax.dynamic_update_slice(self.mask_BxS, input_mask_BxT.astype(bool), (0, self.end))
+
     def write(self, k_layers, v_layers, input_mask_BxT) -> "KVCache":
         """This cache with T tokens' keys and values (per layer [B, T, K, H]) written at slots end..end+T-1.
 
@@ -45,6 +49,4 @@ class KVCache:
         t = input_mask_BxT.shape[1]
         put = lambda slots, new: jax.lax.dynamic_update_slice(slots, new.astype(slots.dtype), (0, self.end, 0, 0))
         return KVCache(k=tuple(map(put, self.k, k_layers)), v=tuple(map(put, self.v, v_layers)),
-                       mask_BxS=jax.lax.dynamic_update_slice(self.mask_BxS, input_mask_BxT.astype(bool),
-                                                             (0, self.end)),
-                       end=self.end + t)
+                       mask_BxS=self.mask_after(input_mask_BxT), end=self.end + t)

@@ -361,7 +361,7 @@ class Transformer(nnx.Module):
         else:
             end = cache.end
             prior_tokens_B = cache.mask_BxS.sum(axis=1).astype(jnp.int32)
-            key_mask_BxS = jax.lax.dynamic_update_slice(cache.mask_BxS, input_mask_BxT, (0, end))
+            key_mask_BxS = cache.mask_after(input_mask_BxT)
             k_slots_S = jnp.arange(cache.length)
         if positions_BxT is None:
             positions_BxT = prior_tokens_B[:, None] + jnp.cumsum(input_mask_BxT, axis=1) - 1
