@@ -18,13 +18,16 @@ class PreferenceExample:
     """A prompt with a preferred (`chosen`) and a dispreferred (`rejected`) response.
 
     `margin` is an optional preference strength added inside the Bradley-Terry
-    sigmoid (0.0 = plain pairwise loss).
+    sigmoid (0.0 = plain pairwise loss). `group` names the set a pair came from when
+    several are mixed (e.g. "helpful" or "harmless" in the `hh` set), so results can be
+    reported per set; "" when there is one.
     """
 
     prompt: str
     chosen: str
     rejected: str
     margin: float = 0.0
+    group: str = ""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -57,6 +57,7 @@ MAX_LINE_BYTES = 1 << 20  # longer JSONL lines are skipped and counted (readers'
 
 # Locations of the real sets, relative to the data directory (see ../shared/data/README.md).
 HH_HARMLESS = "hh_harmless/pairs.jsonl.gz"
+HH_HELPFUL = "hh_helpful/pairs.jsonl.gz"
 TASKMASTER_COFFEE = "taskmaster/coffee"
 TASKMASTER_TICKETING = "taskmaster/ticketing"
 
@@ -185,17 +186,28 @@ def split_dialogues(chosen: str, rejected: str, where: str = "pair") -> tuple[st
     return chosen[:cut], chosen[cut:], rejected[cut:]
 
 
-def read_hh_harmless(path: str, max_line_bytes: int | None = None) -> Loaded:
-    """Anthropic HH pairs (whole dialogues in chosen/rejected) -> `PreferenceExample`s."""
-    path = _check_file(path, f"the Anthropic HH pairs file ({HH_HARMLESS} in the data directory)")
+def read_hh_harmless(path: str, max_line_bytes: int | None = None, group: str = "") -> Loaded:
+    """Anthropic HH pairs (whole dialogues in chosen/rejected) -> `PreferenceExample`s, each tagged `group`.
+
+    The format is the same for every HH subset (harmless-base, helpful-base, ...)."""
+    path = _check_file(path, f"an Anthropic HH pairs file ({HH_HARMLESS} or {HH_HELPFUL} in the data directory)")
     examples, identical, lines = [], 0, _JsonLines(path, max_line_bytes)
     for where, row in lines:
         chosen, rejected = _text(row, "chosen", where), _text(row, "rejected", where)
         if chosen == rejected:
             identical += 1
             continue
-        examples.append(PreferenceExample(*split_dialogues(chosen, rejected, where)))
+        examples.append(PreferenceExample(*split_dialogues(chosen, rejected, where), group=group))
     return _finish(examples, path, identical, lines.skipped)
+
+
+def first_human_turn(prompt: str) -> str:
+    """The text of a dialogue's first "Human:" turn (the whole prompt when it has none).
+
+    HH holds some conversations at several depths (one prompt a prefix of another); they all share
+    their first human turn, so splitting by it keeps a conversation at any depth in one part."""
+    head = prompt.split(ASSISTANT, 1)[0]
+    return head.split("Human:", 1)[1].strip() if "Human:" in head else prompt.strip()
 
 
 # ---------------------------------------------------------------------------- Taskmaster
