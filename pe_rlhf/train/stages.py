@@ -50,9 +50,9 @@ def read_json(path: str) -> dict | None:
         return json.load(f)
 
 
-def finished(stage_dir: str) -> dict | None:
+def finished(stage_dir: str, marker: str = DONE) -> dict | None:
     """The record of a finished stage (what its job returned, its wall time), or None."""
-    return read_json(os.path.join(stage_dir, DONE))
+    return read_json(os.path.join(stage_dir, marker))
 
 
 def missing_outputs(stage_dir: str, outputs: Sequence[str]) -> list[str]:
@@ -60,21 +60,23 @@ def missing_outputs(stage_dir: str, outputs: Sequence[str]) -> list[str]:
 
 
 def run_stage(name: str, stage_dir: str, job: Callable[..., dict], *, outputs: Sequence[str] = ("summary.json",),
-              **kwargs) -> dict:
+              marker: str = DONE, **kwargs) -> dict:
     """`job(workdir=stage_dir, **kwargs)` unless the stage finished before; returns the job's summary.
 
     `outputs` are paths relative to `stage_dir` that must exist before the stage counts as finished.
     The returned record holds the job's summary under "summary" and the seconds of the call that
-    finished it under "seconds" (a resumed stage's seconds cover only the last call).
+    finished it under "seconds" (a resumed stage's seconds cover only the last call). `marker` names
+    the record's file: stages that continue one workdir (an RL run trained to step 20, then to 40)
+    each have their own.
     """
-    done = finished(stage_dir)
+    done = finished(stage_dir, marker)
     if done is not None:
         lost = missing_outputs(stage_dir, outputs)
         if not lost:
             print(f"=== {name}: already done in {stage_dir} ===")
             return done
         print(f"=== {name}: marked done but {', '.join(lost)} missing; running it again ===")
-        os.remove(os.path.join(stage_dir, DONE))
+        os.remove(os.path.join(stage_dir, marker))
     print(f"\n=== {name} ({stage_dir}) ===")
     os.makedirs(stage_dir, exist_ok=True)
     t0 = time.perf_counter()
@@ -84,5 +86,5 @@ def run_stage(name: str, stage_dir: str, job: Callable[..., dict], *, outputs: S
     if lost:
         raise StageError(f"stage {name}: the job returned but {', '.join(lost)} missing in {stage_dir}")
     record = {"stage": name, "summary": summary, "seconds": seconds}
-    write_json_atomic(os.path.join(stage_dir, DONE), record)
+    write_json_atomic(os.path.join(stage_dir, marker), record)
     return strict_json(record)
