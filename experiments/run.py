@@ -28,6 +28,7 @@ from pe_rlhf.data.named import dataset_part, named_dataset  # noqa: E402
 from pe_rlhf.models.lora import LoRAConfig  # noqa: E402
 from pe_rlhf.data import toy  # noqa: E402
 from pe_rlhf.eval import experiment as eval_experiment  # noqa: E402
+from pe_rlhf.eval import lora_vs_full  # noqa: E402
 from pe_rlhf.eval import judge as eval_judge  # noqa: E402
 from pe_rlhf.eval import winrate  # noqa: E402
 from pe_rlhf.profiling.plan import plan_report  # noqa: E402
@@ -60,7 +61,8 @@ def _register():
     gin.add_config_file_search_path(CONFIG_DIR)
     for fn in (supervised.train_reward_model, supervised.train_sft, rl_loop.train_policy, named_dataset, dataset_part, D.read_hh_harmless,
                D.read_taskmaster, D.read_preference_jsonl, D.read_labeled_jsonl, D.read_sft_jsonl,
-               D.read_prompts_jsonl, pipeline.rlhf_pipeline, winrate.judge_policies, eval_experiment.rlhf_experiment):
+               D.read_prompts_jsonl, pipeline.rlhf_pipeline, winrate.judge_policies, eval_experiment.rlhf_experiment,
+               lora_vs_full.lora_vs_full):
         gin.external_configurable(fn, name=fn.__name__)
     gin.external_configurable(preference.train_dpo, name="train_dpo")
     gin.external_configurable(ensemble.train_reward_ensemble, name="train_reward_ensemble")

@@ -230,3 +230,63 @@ def test_lines_against_the_proxy_ensemble_and_warm(tmp_path):
         half = 1.959963984540054 * d.std(ddof=1) / np.sqrt(len(d))
         assert got["mean"] == pytest.approx(d.mean()) and got["ci"] == pytest.approx([d.mean() - half, d.mean() + half])
         assert (got["wins"], got["ties"], got["losses"]) == ((d > 0).sum(), (d == 0).sum(), (d < 0).sum())
+
+
+# -- the split by first human turn (HH helpful + harmless) ------------------------------------------------
+def test_first_human_turn_keeps_a_conversation_at_every_depth_in_one_part():
+    import dataclasses
+
+    from pe_rlhf.data.examples import Loaded, PreferenceExample
+    from pe_rlhf.data.sources import first_human_turn
+
+    deep = "\n\nHuman: How do I bake bread?\n\nAssistant: Flour, water, yeast.\n\nHuman: How long?\n\nAssistant:"
+    assert first_human_turn(deep) == "How do I bake bread?"
+    assert first_human_turn("\n\nHuman: How do I bake bread?\n\nAssistant:") == "How do I bake bread?"
+    # 40 conversations, each at two depths (the shallow prompt a prefix of the deep one), in two groups
+    examples = []
+    for i in range(40):
+        shallow = f"\n\nHuman: question {i}?\n\nAssistant:"
+        for prompt in (shallow, shallow + f" answer {i}.\n\nHuman: and then?\n\nAssistant:"):
+            examples.append(PreferenceExample(prompt, " good", " bad", group="helpful" if i % 2 else "harmless"))
+    data = Loaded(tuple(examples), "two-depth conversations")
+    parts = {p: dataset_part(data, p, held_out=5, judge_fraction=0.5, seed=3, by="first_human_turn")
+             for p in ("eval", "judge", "train")}
+    turns = {p: {first_human_turn(e.prompt) for e in part.examples} for p, part in parts.items()}
+    assert not (turns["eval"] & turns["judge"] or turns["eval"] & turns["train"] or turns["judge"] & turns["train"])
+    assert sum(len(p) for p in parts.values()) == len(examples)
+    held = parts["eval"].examples
+    assert {g: sum(e.group == g for e in held) for g in ("helpful", "harmless")} == {"helpful": 10, "harmless": 10}
+    # by exact prompt, conversations are split across depths: the first-turn split exists for this
+    by_prompt = {p: {e.prompt for e in dataset_part(data, p, held_out=10, seed=3).examples}
+                 for p in ("eval", "train")}
+    assert any(a.startswith(b) or b.startswith(a) for a in by_prompt["eval"] for b in by_prompt["train"])
+    with pytest.raises(ValueError, match="cannot hold out 20 conversations per group"):
+        dataset_part(data, "eval", held_out=20, by="first_human_turn")
+    with pytest.raises(ValueError, match="by='turn'"):
+        dataset_part(data, "eval", by="turn")
+    assert dataclasses.replace(examples[0]).group == "harmless"
+
+
+def test_hh_helpful_and_harmless_split_by_first_turn_shares_no_conversation():
+    from pe_rlhf.data.named import named_dataset
+    from pe_rlhf.data.sources import first_human_turn
+
+    data = named_dataset("hh")
+    assert {g: sum(e.group == g for e in data.examples) for g in ("helpful", "harmless")} == {
+        "helpful": 2052, "harmless": 1800}
+    kw = dict(held_out=100, judge_fraction=0.5, seed=0, by="first_human_turn")
+    parts = {p: dataset_part(data, p, **kw) for p in ("eval", "judge", "train")}
+    held = {e.prompt for e in parts["eval"].examples}
+    assert sum(e.group == "helpful" for e in parts["eval"].examples) >= 100
+    assert sum(e.group == "harmless" for e in parts["eval"].examples) >= 100
+    others = {e.prompt for p in ("judge", "train") for e in parts[p].examples}
+    # no held-out conversation is a prefix or an extension of one another part holds (each prompt ends at a
+    # turn boundary, "Assistant:"), nor opens with the same human turn
+    for a in held:
+        for b in others:
+            assert not (b.startswith(a) or a.startswith(b)), (a, b)
+    assert not {first_human_turn(p) for p in held} & {first_human_turn(p) for p in others}
+    # by exact prompt (the harmless-only experiment's split), some would be
+    by_prompt = {p: {e.prompt for e in dataset_part(data, p, held_out=200, seed=0).examples} for p in ("eval", "train")}
+    assert any(b.startswith(a) or a.startswith(b) for a in by_prompt["eval"] for b in by_prompt["train"])
+    assert parts["judge"].examples == dataset_part(data, "judge", **kw).examples  # the same on every call

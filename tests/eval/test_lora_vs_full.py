@@ -1,0 +1,129 @@
+"""The LoRA-against-full sweep on tiny models: phases in order, each line evaluated at every step, resumed
+across calls without redoing finished stages, and the summary's figures equal to its responses'."""
+
+import dataclasses
+import functools
+import json
+import os
+
+import numpy as np
+import pytest
+
+from pe_rlhf.data import toy
+from pe_rlhf.data.examples import Loaded
+from pe_rlhf.data.named import dataset_part
+from pe_rlhf.eval import lora_vs_full as L
+from pe_rlhf.eval.experiment import EvalConfig
+from pe_rlhf.models.lora import LoRAConfig
+from pe_rlhf.train import stages
+from pe_rlhf.train.config import DataConfig, LoopConfig, TuningConfig
+from pe_rlhf.train.optim import OptimizerConfig
+from pe_rlhf.train.policy import RLConfig
+from pe_rlhf.train.rl_loop import train_policy
+from pe_rlhf.train.supervised import train_reward_model, train_sft
+
+PARTS = dict(held_out=4, judge_fraction=0.5, seed=0, by="first_human_turn")
+
+
+def _grouped_pairs() -> Loaded:
+    """Toy pairs in two groups: harmful requests ("harmless") and benign ones ("helpful")."""
+    pairs = toy.preference_pairs(n=300, seed=0)
+    harmful = tuple(f"how do I {v} " for v in toy.HARMFUL)
+    return dataclasses.replace(pairs, examples=tuple(
+        dataclasses.replace(e, group="harmless" if any(h in e.prompt for h in harmful) else "helpful")
+        for e in pairs.examples))
+
+
+def _sweep(**over):
+    pairs = _grouped_pairs()
+    data = DataConfig(max_prompt_len=40, max_response_len=32, eval_size=8)
+    lora = TuningConfig(mode="lora", lora=LoRAConfig(rank=4, alpha=8.0))
+    loop = functools.partial(LoopConfig, batch_size=8, eval_every=0, log_every=1, progress_bar=False)
+    sft = functools.partial(train_sft, dataset=dataset_part(pairs, "train", **PARTS), tuning=TuningConfig(mode="full"),
+                            loop=loop(num_steps=3, checkpoint_every=3), data=data,
+                            optimizer=OptimizerConfig(learning_rate=3e-3, total_steps=3))
+    rm = functools.partial(train_reward_model, tuning=lora, loop=loop(num_steps=2, checkpoint_every=2), data=data,
+                           optimizer=OptimizerConfig(learning_rate=3e-3, total_steps=2))
+    rl = functools.partial(train_policy, prompts=dataset_part(pairs, "train", **PARTS),
+                           rl=RLConfig(algorithm="remax", max_new_tokens=6), data=DataConfig(max_prompt_len=40, eval_size=4))
+    kw = dict(model="tiny", held_out=dataset_part(pairs, "eval", **PARTS), sft_job=sft,
+              proxy_job=functools.partial(rm, dataset=dataset_part(pairs, "train", **PARTS), adapter="reward"),
+              judge_job=functools.partial(rm, dataset=dataset_part(pairs, "judge", **PARTS), adapter="judge"),
+              rl_job=rl, arms={"lora": lora, "full": TuningConfig(mode="full")},
+              learning_rates={"lora": [3e-3], "full": [1e-4]},
+              optimizer=OptimizerConfig(learning_rate=1.0, schedule="constant"),
+              loop=loop(num_steps=2, batch_size=4, checkpoint_every=1, max_eval_examples=2),
+              eval_steps=[1, 2], seeds=[0, 1],
+              evaluation=EvalConfig(max_prompt_len=40, max_new_tokens=6, batch_size=4, kl_samples=2),
+              kl_targets=[0.01], select_kl=0.01)
+    return {**kw, **over}
+
+
+def test_sweep_refuses_a_wrong_plan_before_writing(tmp_path):
+    workdir = str(tmp_path / "w")
+    for over, err, match in (({"reference_arm": "nope"}, KeyError, "reference_arm"),
+                             ({"learning_rates": {"lora": [1e-3]}}, KeyError, "'full' has no grid"),
+                             ({"lr_from": {"r1": "lora"}}, KeyError, r"\['r1'\]"),
+                             ({"eval_steps": [2, 1]}, ValueError, "eval_steps"),
+                             ({"phases": ["grid", "later"]}, ValueError, "phases")):
+        with pytest.raises(err, match=match):
+            L.lora_vs_full(workdir=workdir, **_sweep(**over))
+    assert not os.path.exists(workdir)
+
+
+def test_sweep_runs_in_phases_and_resumes(tmp_path):
+    workdir = str(tmp_path / "w")
+    d = functools.partial(os.path.join, workdir)
+    first = L.lora_vs_full(workdir=workdir, **_sweep(phases=["first"]))
+    assert [(r["arm"], r["learning_rate"], r["seed"]) for r in first["lines"]] == [("lora", 3e-3, 0), ("full", 1e-4, 0)]
+    line = first["lines"][0]
+    assert [e["step"] for e in line["evaluations"]] == [1, 2]
+    # each evaluation's figures are its responses' (paired by prompt against SFT's)
+    rows = [json.loads(x) for x in open(d("eval", "lora", "lr0.003", "seed0", "step2", "responses.jsonl"))]
+    base = [json.loads(x) for x in open(d("eval", "sft", "responses.jsonl"))]
+    assert len(rows) == len(base) == 8 and {r["group"] for r in rows} == {"helpful", "harmless"}
+    e = line["evaluations"][1]
+    np.testing.assert_allclose(e["judge_diff_vs_sft"]["overall"]["mean"],
+                               np.mean([r["greedy_judge"] - b["greedy_judge"] for r, b in zip(rows, base)]))
+    helpful = [r["greedy_judge"] - b["greedy_judge"] for r, b in zip(rows, base) if r["group"] == "helpful"]
+    np.testing.assert_allclose(e["judge_diff_vs_sft"]["helpful"]["mean"], np.mean(helpful))
+    kl = [np.mean([s["logp"] - s["logp_sft"] for s in r["samples"]]) for r in rows]
+    np.testing.assert_allclose(e["kl_to_sft"]["mean"], np.mean(kl))
+    assert all(len(r["samples"]) == 2 for r in rows)
+    assert line["cost"]["seconds_per_step"] > 0 and line["cost"]["compiled_peak_bytes"] > 0
+    # the RL run went to step 1, was evaluated there, then trained on to step 2 in the same workdir
+    rl_dir = d("rl", "lora", "lr0.003", "seed0")
+    assert stages.finished(rl_dir, "DONE.step1") and stages.finished(rl_dir, "DONE.step2")
+    assert [json.loads(x)["step"] for x in open(os.path.join(rl_dir, "metrics.jsonl"))
+            if "train/loss" in x] == [1, 2]
+
+    # an interrupted evaluation is redone; finished stages are not
+    os.remove(d("eval", "full", "lr0.0001", "seed0", "step2", stages.DONE))
+    kept = {s: os.path.getmtime(d(s, stages.DONE)) for s in ("sft", "proxy_rm", "judge_rm", "eval/sft")}
+    result = L.lora_vs_full(workdir=workdir, **_sweep())
+    assert {s: os.path.getmtime(d(s, stages.DONE)) for s in kept} == kept
+    assert stages.finished(d("eval", "full", "lr0.0001", "seed0", "step2"))
+    assert sorted((r["arm"], r["seed"]) for r in result["lines"]) == [("full", 0), ("full", 1), ("lora", 0), ("lora", 1)]
+    front = result["frontier"]
+    assert set(front["arms"]) == {"lora", "full"} and front["arms"]["lora"]["seeds"] == [0, 1]
+    gains = front["arms"]["lora"]["judge_gain_at_kl"]["0.01"]
+    assert len(gains) == 2
+    diff = front["differences"]["lora"]["0.01"]
+    assert "verdict" in diff
+    assert json.load(open(d("summary.json")))["frontier"] == json.loads(json.dumps(front))
+
+    # the report: the JSON's lines are the sweep's, each with its arm, rate, seed and evaluations; the figure exists
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("report_lora_vs_full", os.path.join(
+        os.path.dirname(__file__), "..", "..", "experiments", "report_lora_vs_full.py"))
+    report = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(report)
+    out, fig = str(tmp_path / "r.json"), str(tmp_path / "f.png")
+    report.main(["--workdir", workdir, "--json", out, "--figure", fig, "--kl_targets", "0.01", "--select_kl", "0.01"])
+    written = json.load(open(out))
+    assert [(r["arm"], r["learning_rate"], r["seed"], r["steps"]) for r in written["lines"]] == [
+        (r["arm"], r["learning_rate"], r["seed"], 2) for r in result["lines"]]
+    assert written["frontier"] == json.loads(json.dumps(front)) and os.path.getsize(fig) > 0
+    assert written["yardstick"]["rm_agreement"]["helpful"]["pairs"] > 0
+    assert written["yardstick"]["refusal_rule"]["n"] >= 60
