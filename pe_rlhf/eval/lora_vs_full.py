@@ -343,7 +343,7 @@ def collect(workdir: str, arms: dict, reference_arm: str, select_kl: float, kl_t
                 points = line_points(workdir, rel)
                 if points:
                     out["lines"].append(_line_record(workdir, rel, arm, points))
-    out["frontier"] = matched_kl(out["lines"], reference_arm, kl_targets, margin)
+    out["frontier"] = matched_kl(out["lines"], reference_arm, kl_targets, margin, select_kl)
     return out
 
 
@@ -367,14 +367,23 @@ def _line_record(workdir, rel, arm, points) -> dict:
             "evaluations": [{"step": p["step"], **{k: p["summary"].get(k) for k in keys}} for p in points]}
 
 
-def matched_kl(lines: list[dict], reference_arm: str, kl_targets: Sequence[float], margin: float) -> dict:
+def matched_kl(lines: list[dict], reference_arm: str, kl_targets: Sequence[float], margin: float,
+               select_kl: float) -> dict:
     """Each arm's judge gain at each target KL per run, and every arm minus the reference across runs.
 
-    Only an arm's lines at one learning rate with the most seeds count (its best, once seeds have run)."""
+    Only an arm's lines at one learning rate count: the rate with the most seeds (its best, once seeds have
+    run), ties broken by the mean `selection_score` at `select_kl` (the grid's best before then)."""
     by_arm = {}
     for line in lines:
         by_arm.setdefault(line["arm"], {}).setdefault(line["learning_rate"], []).append(line)
-    chosen = {arm: max(lrs.values(), key=len) for arm, lrs in by_arm.items()}
+
+    def rank(runs):
+        scores = [selection_score([{"kl": e["kl_to_sft"]["mean"],
+                                    "judge_gain": e["judge_diff_vs_sft"]["overall"]["mean"]} for e in r["evaluations"]],
+                                  select_kl) for r in runs]
+        return len(runs), float(np.mean(scores))
+
+    chosen = {arm: max(lrs.values(), key=rank) for arm, lrs in by_arm.items()}
     out = {"arms": {}, "differences": {}}
     for arm, runs in chosen.items():
         per_target = {}

@@ -45,7 +45,8 @@ def _sweep(**over):
     rm = functools.partial(train_reward_model, tuning=lora, loop=loop(num_steps=2, checkpoint_every=2), data=data,
                            optimizer=OptimizerConfig(learning_rate=3e-3, total_steps=2))
     rl = functools.partial(train_policy, prompts=dataset_part(pairs, "train", **PARTS),
-                           rl=RLConfig(algorithm="remax", max_new_tokens=6), data=DataConfig(max_prompt_len=40, eval_size=4))
+                           rl=RLConfig(algorithm="remax", max_new_tokens=6),
+                           data=DataConfig(max_prompt_len=40, eval_size=4))
     kw = dict(model="tiny", held_out=dataset_part(pairs, "eval", **PARTS), sft_job=sft,
               proxy_job=functools.partial(rm, dataset=dataset_part(pairs, "train", **PARTS), adapter="reward"),
               judge_job=functools.partial(rm, dataset=dataset_part(pairs, "judge", **PARTS), adapter="judge"),
@@ -103,7 +104,8 @@ def test_sweep_runs_in_phases_and_resumes(tmp_path):
     result = L.lora_vs_full(workdir=workdir, **_sweep())
     assert {s: os.path.getmtime(d(s, stages.DONE)) for s in kept} == kept
     assert stages.finished(d("eval", "full", "lr0.0001", "seed0", "step2"))
-    assert sorted((r["arm"], r["seed"]) for r in result["lines"]) == [("full", 0), ("full", 1), ("lora", 0), ("lora", 1)]
+    assert sorted((r["arm"], r["seed"]) for r in result["lines"]) == [
+        ("full", 0), ("full", 1), ("lora", 0), ("lora", 1)]
     front = result["frontier"]
     assert set(front["arms"]) == {"lora", "full"} and front["arms"]["lora"]["seeds"] == [0, 1]
     gains = front["arms"]["lora"]["judge_gain_at_kl"]["0.01"]
@@ -127,3 +129,37 @@ def test_sweep_runs_in_phases_and_resumes(tmp_path):
     assert written["frontier"] == json.loads(json.dumps(front)) and os.path.getsize(fig) > 0
     assert written["yardstick"]["rm_agreement"]["helpful"]["pairs"] > 0
     assert written["yardstick"]["refusal_rule"]["n"] >= 60
+
+
+def _line(arm, lr, seed, points):
+    return {"arm": arm, "learning_rate": lr, "seed": seed, "evaluations": [
+        {"kl_to_sft": {"mean": kl}, "judge_diff_vs_sft": {"overall": {"mean": g}}} for kl, g in points]}
+
+
+def test_matched_kl_by_hand():
+    lines = [
+        # full at 1e-5 (3 seeds) crosses 1 nat at gains 0.5, 0.6, 0.7; one more rate with one seed is ignored
+        _line("full", 1e-5, 0, [(0.5, 0.25), (2.0, 1.0)]),   # at 1 nat: 0.25 + 0.75 * 0.5 / 1.5 = 0.5
+        _line("full", 1e-5, 1, [(2.0, 1.2)]),                 # 0.6 (from (0, 0))
+        _line("full", 1e-5, 2, [(1.0, 0.7), (3.0, 1.0)]),     # 0.7
+        _line("full", 3e-6, 0, [(1.0, 9.0)]),
+        _line("lora", 3e-4, 0, [(2.0, 0.8)]),                 # 0.4
+        _line("lora", 3e-4, 1, [(1.0, 0.5)]),                 # 0.5
+        _line("lora", 3e-4, 2, [(0.5, 0.3)]),                 # never reaches 1 nat: left out
+    ]
+    out = L.matched_kl(lines, "full", [1.0], margin=0.1, select_kl=1.0)
+    assert out["arms"]["full"]["learning_rate"] == 1e-5 and out["arms"]["full"]["seeds"] == [0, 1, 2]
+    assert out["arms"]["full"]["judge_gain_at_kl"]["1"] == pytest.approx([0.5, 0.6, 0.7])
+    assert out["arms"]["lora"]["judge_gain_at_kl"]["1"][:2] == pytest.approx([0.4, 0.5])
+    assert out["arms"]["lora"]["judge_gain_at_kl"]["1"][2] is None
+    diff = out["differences"]["lora"]["1"]
+    # lora 0.45 (sd 0.0707, n 2) minus full 0.6 (sd 0.1, n 3) = -0.15; bound -0.1 * 0.6 = -0.06
+    assert diff["mean"] == pytest.approx(-0.15) and diff["runs"] == [2, 3] and diff["bound"] == pytest.approx(-0.06)
+    assert diff["verdict"] in ("inconclusive", "worse")
+    # one seed a side: no interval, said so
+    single = L.matched_kl(lines[:1] + lines[4:5], "full", [1.0], margin=0.1, select_kl=1.0)
+    assert single["differences"]["lora"]["1"]["verdict"] == "too few runs reach it"
+    # before seeds ran, each arm's best grid rate (by gain at select_kl) stands for it
+    grid = [_line("full", 1e-6, 0, [(2.0, 0.4)]), _line("full", 1e-5, 0, [(2.0, 1.0)])]
+    assert L.matched_kl(grid, "full", [1.0], 0.1, select_kl=1.0)["arms"]["full"]["learning_rate"] == 1e-5
+    assert L.selection_score([{"kl": 0.5, "judge_gain": 0.2}], 3.0) == 0.2  # never got to 3 nats: its last point
