@@ -366,7 +366,8 @@ def collect(workdir: str) -> dict:
     return out
 
 
-def _ci(x: dict | None, fmt: str = "{:+.3f}") -> str:
+def format_ci(x: dict | None, fmt: str = "{:+.3f}") -> str:
+    """`mean [lo, hi]` of a `mean_with_ci` dict, "-" for none."""
     if not x:
         return "-"
     lo, hi = x["ci"]
@@ -384,8 +385,8 @@ def markdown(result: dict) -> str:
         rl = r.get("rl") or {}
         gib = lambda b: f"{b / 2**30:.2f} GiB" if b else "-"  # noqa: E731
         sps = rl.get("seconds_per_step")
-        rows.append(f"| {name} | {_ci(r.get('judge_diff_vs_sft'))} | {_ci(r.get('proxy_diff_vs_sft'))} | {win_s} "
-                    f"| {r['eos_fraction']['rate']:.2f} | {r['length_mean']:.1f} | {_ci(r.get('kl_to_sft'), '{:.2f}')} "
+        rows.append(f"| {name} | {format_ci(r.get('judge_diff_vs_sft'))} | {format_ci(r.get('proxy_diff_vs_sft'))} | {win_s} "
+                    f"| {r['eos_fraction']['rate']:.2f} | {r['length_mean']:.1f} | {format_ci(r.get('kl_to_sft'), '{:.2f}')} "
                     f"| {f'{sps:.1f}' if sps else '-'} | {gib(rl.get('compiled_peak_bytes'))} "
                     f"| {gib(rl.get('rss_peak_bytes_process'))} |")
     return "\n".join(rows)

@@ -39,7 +39,7 @@ from pe_rlhf.data.sources import first_human_turn
 from pe_rlhf.eval import frontier as F
 from pe_rlhf.eval import judge as J
 from pe_rlhf.eval import winrate
-from pe_rlhf.eval.experiment import EvalConfig, Scorers, rm_agreement, sequence_logprobs
+from pe_rlhf.eval.experiment import EvalConfig, Scorers, format_ci, rm_agreement, sequence_logprobs
 from pe_rlhf.eval.refusal import refusal_flags
 from pe_rlhf.train.config import LoopConfig, TuningConfig
 from pe_rlhf.train.loop import rss_peak_bytes
@@ -409,11 +409,8 @@ def matched_kl(lines: list[dict], reference_arm: str, kl_targets: Sequence[float
     return out
 
 
-def _ci(x: dict | None, fmt: str = "{:+.2f}") -> str:
-    if not x:
-        return "-"
-    lo, hi = x["ci"]
-    return f"{fmt.format(x['mean'])} [{fmt.format(lo)}, {fmt.format(hi)}]"
+def _ci(x: dict | None) -> str:
+    return format_ci(x, "{:+.2f}")
 
 
 def markdown(result: dict) -> str:
