@@ -232,7 +232,8 @@ def cmd_score(args) -> dict:
             metrics = M.classification_metrics(scores, labels)
             for row, e in zip(rows, examples):
                 row["label"] = e.label
-            print(f"accuracy (score > 0): {metrics['accuracy']:.4f}, ROC AUC: {metrics['roc_auc']:.4f} over "
+            auc = "undefined (one class)" if metrics["roc_auc"] is None else f"{metrics['roc_auc']:.4f}"
+            print(f"accuracy (score > 0): {metrics['accuracy']:.4f}, ROC AUC: {auc} over "
                   f"{metrics['num_examples']} examples ({metrics['positive_fraction']:.3f} positive)")
         else:
             metrics = {"score_mean": float(scores.mean()), "num_examples": len(rows)}

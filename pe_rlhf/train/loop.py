@@ -6,14 +6,16 @@
 
 A stage supplies a `Job`: its state (a pytree of what trains and what it carries, saved whole), its
 jit-compiled step over that state, its batches and its evaluation. The loop skips nothing on its own:
-a step whose update was not finite is skipped by the optimizer (`optim.guard_nonfinite`), counted here,
-and after `LoopConfig.max_nonfinite_updates` in a row the run stops with `NonFiniteError`, leaving
-its last good checkpoint in place.
+a step whose loss or gradient was not finite is skipped by the optimizer (`optim.guarded_update`), counted
+here, and after `LoopConfig.max_nonfinite_updates` in a row the run stops with `NonFiniteError`, leaving
+its last good checkpoint in place. A final evaluation that is not finite stops it too, without a summary.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 import os
 import resource
 import time
@@ -30,7 +32,7 @@ from pe_rlhf.train.writer import MetricsWriter
 
 
 class NonFiniteError(FloatingPointError):
-    """Too many updates in a row had non-finite gradients."""
+    """Too many updates in a row had a non-finite loss or gradient, or the final evaluation is not finite."""
 
 
 @dataclasses.dataclass
@@ -100,9 +102,22 @@ def train_loop(workdir: str, loop: LoopConfig, job: Job) -> tuple[dict, dict]:
                "skipped_steps": nonfinite_updates(state["opt_state"])[1], "batch_size": loop.batch_size,
                "compiled_peak_bytes": job.memory.compiled.peak_bytes if job.memory is not None else None,
                "rss_peak_bytes_process": rss_peak_bytes(), **job.info}
+    bad = nonfinite_metrics(summary)
+    if bad:
+        writer.close()
+        raise NonFiniteError(
+            f"{workdir}: the final evaluation at step {loop.num_steps} is not finite: {', '.join(bad)} (logged as "
+            f"null in {os.path.join(workdir, 'metrics.jsonl')}); no summary.json is written. The model diverged: "
+            "lower OptimizerConfig.learning_rate or check the data and rewards, then rerun in a new workdir")
     writer.summary(summary)
     writer.close()
     return state, summary
+
+
+def nonfinite_metrics(summary: dict) -> list[str]:
+    """The keys of `summary` whose value is a NaN or infinite number (an undefined metric is None instead)."""
+    return [k for k, v in summary.items()
+            if isinstance(v, numbers.Real) and not isinstance(v, bool) and not math.isfinite(v)]
 
 
 def _steps(workdir, loop: LoopConfig, job: Job, ckpt: RunCheckpointer, writer: MetricsWriter, state: dict,
@@ -125,10 +140,10 @@ def _steps(workdir, loop: LoopConfig, job: Job, ckpt: RunCheckpointer, writer: M
         in_a_row, total = nonfinite_updates(state["opt_state"])
         if in_a_row >= loop.max_nonfinite_updates:
             raise NonFiniteError(
-                f"{workdir}: {in_a_row} updates in a row (through step {step}) had non-finite gradients and were "
-                f"skipped ({total} in all); stopping (LoopConfig.max_nonfinite_updates={loop.max_nonfinite_updates})."
-                " The last checkpoint holds the last finite state: lower OptimizerConfig.learning_rate or check the "
-                "data and rewards, then rerun")
+                f"{workdir}: {in_a_row} updates in a row (through step {step}) had a non-finite loss or gradient "
+                f"and were skipped ({total} in all); stopping "
+                f"(LoopConfig.max_nonfinite_updates={loop.max_nonfinite_updates}). The last checkpoint holds the "
+                "last finite state: lower OptimizerConfig.learning_rate or check the data and rewards, then rerun")
         if step % loop.log_every == 0 or step == loop.num_steps:
             metrics = jax.device_get(metrics)
             now = time.perf_counter()

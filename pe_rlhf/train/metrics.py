@@ -19,12 +19,15 @@ def pairwise_metrics(r_chosen: np.ndarray, r_rejected: np.ndarray) -> dict[str, 
     }
 
 
-def roc_auc(scores: np.ndarray, labels: np.ndarray) -> float:
-    """Area under the ROC curve: P(score of a positive > score of a negative), ties counting 1/2."""
+def roc_auc(scores: np.ndarray, labels: np.ndarray) -> float | None:
+    """Area under the ROC curve: P(score of a positive > score of a negative), ties counting 1/2.
+
+    None (undefined) without both a positive and a negative: NaN is kept for scores that are not finite.
+    """
     scores, labels = np.asarray(scores, np.float64), np.asarray(labels) > 0.5
     pos, neg = scores[labels], scores[~labels]
     if pos.size == 0 or neg.size == 0:
-        return float("nan")
+        return None
     order = np.argsort(np.concatenate([pos, neg]), kind="mergesort")
     ranks = np.empty(order.size, np.float64)
     sorted_scores = np.concatenate([pos, neg])[order]
@@ -36,14 +39,18 @@ def roc_auc(scores: np.ndarray, labels: np.ndarray) -> float:
 
 
 def classification_metrics(logits: np.ndarray, labels: np.ndarray) -> dict[str, float]:
-    """Accuracy, balanced accuracy (mean of per-class recall) and ROC AUC at threshold 0."""
+    """Accuracy, balanced accuracy (mean of per-class recall) and ROC AUC at threshold 0.
+
+    A class absent from `labels` leaves its recall and the ROC AUC None (undefined), not NaN, so that a
+    NaN always means scores that are not finite (`loop.nonfinite_metrics`).
+    """
     logits, labels = np.asarray(logits, np.float64), np.asarray(labels) > 0.5
     pred = logits > 0
-    recall_pos = float(np.mean(pred[labels])) if labels.any() else float("nan")
-    recall_neg = float(np.mean(~pred[~labels])) if (~labels).any() else float("nan")
+    recall_pos = float(np.mean(pred[labels])) if labels.any() else None
+    recall_neg = float(np.mean(~pred[~labels])) if (~labels).any() else None
     return {
         "accuracy": float(np.mean(pred == labels)),
-        "balanced_accuracy": float(np.nanmean([recall_pos, recall_neg])),
+        "balanced_accuracy": float(np.mean([r for r in (recall_pos, recall_neg) if r is not None])),
         "recall_positive": recall_pos,
         "recall_negative": recall_neg,
         "roc_auc": roc_auc(logits, labels),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 import jax
+import jax.numpy as jnp
 import optax
 
 from pe_rlhf.config_checks import check_fields, choice, integer, number, optional
@@ -86,10 +87,24 @@ def make_optimizer(cfg: OptimizerConfig) -> optax.GradientTransformation:
 def guard_nonfinite(tx: optax.GradientTransformation) -> optax.GradientTransformation:
     """Skip (and count, in the optimizer state) any update whose gradients are not finite.
 
-    A NaN or inf loss or reward makes the gradient non-finite: the step leaves the trainable
-    parameters and Adam moments unchanged. The training loop stops after too many in a row.
+    The step leaves the trainable parameters and Adam moments unchanged. Steps update through
+    `guarded_update`, which also skips an update whose loss is not finite. The training loop stops
+    after too many in a row.
     """
     return optax.apply_if_finite(tx, max_consecutive_errors=1_000_000)
+
+
+def guarded_update(tx: optax.GradientTransformation, grads, opt_state, params, loss):
+    """(params, opt_state) after one update of `tx` (a `guard_nonfinite` optimizer) by `grads`.
+
+    The update is skipped and counted when the loss, any gradient or the gradient's global norm is not
+    finite. The loss can be NaN while its gradient is finite (0 * inf), and every entry of a gradient
+    can be finite while its norm overflows (clipping by that norm then silently zeroes the update).
+    """
+    finite = jnp.isfinite(loss) & jnp.isfinite(optax.global_norm(grads))
+    grads = jax.tree.map(lambda g: jnp.where(finite, g, jnp.nan), grads)  # apply_if_finite skips it
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state
 
 
 def nonfinite_updates(opt_state) -> tuple[int, int]:

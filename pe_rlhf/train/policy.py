@@ -25,7 +25,7 @@ import optax
 from flax import nnx
 
 from pe_rlhf import rl
-from pe_rlhf.train.optim import guard_nonfinite, nonfinite_updates
+from pe_rlhf.train.optim import guard_nonfinite, guarded_update, nonfinite_updates
 from pe_rlhf.train.ppo import ppo_step
 from pe_rlhf.train.precision import Precision
 from pe_rlhf.train.rollout import (
@@ -87,8 +87,7 @@ def rl_step(trainable, opt_state, frozen, rl_state, batch, rng, *, graphdef, tx:
         return loss, {"entropy": rl.masked_mean(entropy_SxN, sampled.mask_BxN), "kl_k3": kl_loss}
 
     (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
-    updates, opt_state = tx.update(grads, opt_state, trainable)
-    trainable = optax.apply_updates(trainable, updates)
+    trainable, opt_state = guarded_update(tx, grads, opt_state, trainable, loss)
 
     bad = jnp.any(rl.nonfinite_rows(ro.rewards_B))  # greedy rows too: a bad baseline spoils the advantages
     metrics = {

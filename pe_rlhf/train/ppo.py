@@ -17,6 +17,7 @@ import optax
 from flax import nnx
 
 from pe_rlhf import rl
+from pe_rlhf.train.optim import guarded_update
 from pe_rlhf.train.precision import Precision
 from pe_rlhf.train.rollout import RLConfig, RLModules, rollout, with_anchor
 
@@ -68,9 +69,8 @@ def ppo_step(trainable, opt_state, frozen, rl_state, batch, rng, *, graphdef, tx
     def epoch(carry, _):
         trainable, opt_state = carry
         (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
-        updates, opt_state = tx.update(grads, opt_state, trainable)
-        return (optax.apply_updates(trainable, updates), opt_state), dict(aux, loss=loss,
-                                                                          grad_norm=optax.global_norm(grads))
+        return guarded_update(tx, grads, opt_state, trainable, loss), dict(aux, loss=loss,
+                                                                           grad_norm=optax.global_norm(grads))
 
     (trainable, opt_state), per_epoch = jax.lax.scan(epoch, (trainable, opt_state), None, length=cfg.ppo_epochs)
     first = jax.tree.map(lambda x: x[0], per_epoch)  # metrics of the first epoch (on-policy)

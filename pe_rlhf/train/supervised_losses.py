@@ -23,8 +23,9 @@ def bradley_terry_loss(r_chosen_B, r_rejected_B, margin_B=None, *, center_coef: 
     margin_B = jnp.zeros_like(r_chosen_B) if margin_B is None else margin_B
     diff_B = r_chosen_B - r_rejected_B - margin_B
     nll = -_mean(jax.nn.log_sigmoid(diff_B), weights_B)
-    centring = _mean(jnp.square(r_chosen_B + r_rejected_B), weights_B)
-    loss = nll + center_coef * centring
+    loss = nll
+    if center_coef:  # not 0 * centring: an overflowing centring would make that NaN (0 * inf)
+        loss = nll + center_coef * _mean(jnp.square(r_chosen_B + r_rejected_B), weights_B)
     metrics = {
         "loss": loss,
         "bt_nll": nll,

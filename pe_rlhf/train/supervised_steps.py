@@ -18,6 +18,7 @@ import optax
 from flax import nnx
 
 from pe_rlhf.train.cross_entropy import token_nll
+from pe_rlhf.train.optim import guarded_update
 from pe_rlhf.train.precision import Precision
 from pe_rlhf.train.rollout import response_logprobs
 from pe_rlhf.train.supervised_losses import (PREFERENCE_LOSSES, bradley_terry_loss, binary_cross_entropy_loss,
@@ -129,8 +130,7 @@ def train_step(trainable, opt_state, frozen, batch, *, graphdef, tx: optax.Gradi
         return loss_fn(model, batch)
 
     (loss, metrics), grads = jax.value_and_grad(loss_of, has_aux=True)(trainable)
-    updates, opt_state = tx.update(grads, opt_state, trainable)
-    trainable = optax.apply_updates(trainable, updates)
+    trainable, opt_state = guarded_update(tx, grads, opt_state, trainable, loss)
     metrics = dict(metrics, grad_norm=optax.global_norm(grads))
     return trainable, opt_state, metrics
 

@@ -14,6 +14,9 @@ import numpy as np
 
 
 def _scalar(v):
+    """`v` as a float, or None (not logged) for an undefined metric or an array of more than one value."""
+    if v is None:
+        return None
     v = np.asarray(v)
     return float(v) if v.size == 1 else None
 

@@ -1,4 +1,4 @@
-"""The optimizer: the reward head's own learning rate."""
+"""The optimizer: the reward head's own learning rate; updates skipped for a non-finite loss or gradient."""
 
 import jax
 import jax.numpy as jnp
@@ -8,7 +8,7 @@ from flax import nnx
 
 from pe_rlhf.models.heads import RewardModel
 from pe_rlhf.models.tiny import tiny_model
-from pe_rlhf.train.optim import OptimizerConfig, make_optimizer
+from pe_rlhf.train.optim import OptimizerConfig, guard_nonfinite, guarded_update, make_optimizer, nonfinite_updates
 
 
 def test_head_learning_rate_applies_to_the_head_only():
@@ -28,3 +28,20 @@ def test_head_learning_rate_applies_to_the_head_only():
     plain = make_optimizer(OptimizerConfig(learning_rate=1e-5, schedule="constant", max_grad_norm=None))
     same = plain.update(grads, plain.init(params), params)[0]
     np.testing.assert_allclose(np.asarray(jax.tree.leaves(same)[0]), -1e-5, rtol=1e-3)
+
+
+def test_an_update_is_skipped_when_its_loss_or_its_gradient_norm_is_not_finite():
+    tx = guard_nonfinite(make_optimizer(OptimizerConfig(learning_rate=0.5, schedule="constant")))
+    params = {"w": jnp.array([1.0, 2.0])}
+    opt_state = tx.init(params)
+    cases = [(jnp.nan, [0.1, 0.1]),  # a NaN loss with a finite gradient (0 * inf in a loss term)
+             (jnp.inf, [0.1, 0.1]),
+             (1.0, [3e19, 3e19]),  # finite entries whose norm overflows float32
+             (1.0, [jnp.nan, 0.1])]
+    for k, (loss, g) in enumerate(cases, start=1):
+        new, opt_state = guarded_update(tx, {"w": jnp.array(g)}, opt_state, params, jnp.float32(loss))
+        np.testing.assert_array_equal(np.asarray(new["w"]), [1.0, 2.0])
+        assert nonfinite_updates(opt_state) == (k, k)
+    new, opt_state = guarded_update(tx, {"w": jnp.array([0.1, -0.1])}, opt_state, params, jnp.float32(1.0))
+    np.testing.assert_allclose(np.asarray(new["w"]), [0.5, 2.5], rtol=1e-5)  # Adam's first step: lr * sign
+    assert nonfinite_updates(opt_state) == (0, 4)

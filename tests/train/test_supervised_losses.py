@@ -24,6 +24,14 @@ def test_bradley_terry_by_hand():
     np.testing.assert_allclose(float(m["bt_nll"]), float(loss), rtol=1e-6)
 
 
+def test_bradley_terry_without_centring_stays_finite_where_the_centring_overflows():
+    rc, rr = jnp.array([1e20, -1.0]), jnp.array([1e20, 0.0])  # (r_c + r_r)^2 = 4e40: inf in float32
+    loss, m = supervised_losses.bradley_terry_loss(rc, rr)  # center_coef 0: the term is not added (0 * inf = NaN)
+    np.testing.assert_allclose(float(loss), (math.log(2) + 1.31326169) / 2, rtol=1e-6)
+    np.testing.assert_allclose(float(m["bt_nll"]), float(loss), rtol=1e-6)
+    assert math.isinf(float(supervised_losses.bradley_terry_loss(rc, rr, center_coef=0.1)[0]))
+
+
 def test_binary_cross_entropy_by_hand():
     loss, m = supervised_losses.binary_cross_entropy_loss(jnp.array([0.0, 2.0, -1.0]), jnp.array([1.0, 0.0, 0.0]))
     expected = (math.log(2) + math.log(1 + math.e ** 2) + math.log(1 + math.e ** -1)) / 3
@@ -73,5 +81,6 @@ def test_host_metrics_by_hand():
     assert c["accuracy"] == 0.6
     np.testing.assert_allclose(c["balanced_accuracy"], (2 / 3 + 1 / 2) / 2)
     np.testing.assert_allclose(c["roc_auc"], 3 / 6)  # positives beat -2, never 3
-
-
+    one_class = classification_metrics(np.array([2.0, -1.0, 3.0]), np.array([1, 1, 1]))
+    assert one_class["recall_negative"] is None and one_class["roc_auc"] is None  # undefined, not NaN
+    np.testing.assert_allclose(one_class["balanced_accuracy"], 2 / 3)  # the recall of the class present

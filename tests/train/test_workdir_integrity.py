@@ -105,7 +105,8 @@ def test_truncate_metrics_drops_later_steps_and_torn_lines(tmp_path):
     assert path.read_text() == '{"step": 1, "a": 1}\n{"step": 2, "a": 2}\n'
 
 
-def test_nonfinite_updates_are_skipped_then_stop_the_run(tmp_path):
+def fit_tiny(workdir, loss_fn, *, evaluate=lambda *a: {}, num_steps=10):
+    """`supervised.fit` of a rank-2 LoRA on a tiny model, with `loss_fn`; returns (the model before, after)."""
     model, tokenizer = tiny_model("llama")
     lora.add_lora(model, "policy", lora.LoRAConfig(rank=2, alpha=4.0))
     items, _ = D.tokenize_sft([D.PromptResponse("ab", "cd")] * 16, tokenizer,
@@ -114,22 +115,57 @@ def test_nonfinite_updates_are_skipped_then_stop_the_run(tmp_path):
     collate = functools.partial(D.batch_sft, seq_len=10, pad_id=0)
     it = D.BatchIterator(list(items), 4, collate, seed=0)
     before = [np.asarray(x) for x in jax_leaves(model)]
+    try:
+        supervised.fit(model, filter_=lora.adapter_filter("policy"), loss_fn=loss_fn, train_iter=it,
+                       evaluate=evaluate, optimizer=OptimizerConfig(), workdir=str(workdir),
+                       loop=LoopConfig(num_steps=num_steps, batch_size=4, eval_every=0, log_every=1,
+                                       checkpoint_every=1, progress_bar=False, max_nonfinite_updates=3),
+                       run_info={"stage": "test", "identity": {"stage": "test"}})
+    finally:
+        fit_tiny.models = before, model
 
+
+def test_nonfinite_updates_are_skipped_then_stop_the_run(tmp_path):
     def nan_loss(m, batch):
         loss = jnp.sum(m(batch["tokens_BxT"]).astype(jnp.float32)) * jnp.nan
         return loss, {"loss": loss}
 
     with pytest.raises(NonFiniteError, match="3 updates in a row"):
-        supervised.fit(model, filter_=lora.adapter_filter("policy"), loss_fn=nan_loss, train_iter=it,
-                       evaluate=lambda *a: {}, optimizer=OptimizerConfig(), workdir=str(tmp_path),
-                       loop=LoopConfig(num_steps=10, batch_size=4, eval_every=0, log_every=1, checkpoint_every=1,
-                                       progress_bar=False, max_nonfinite_updates=3),
-                       run_info={"stage": "test", "identity": {"stage": "test"}})
+        fit_tiny(tmp_path, nan_loss)
+    before, model = fit_tiny.models
     for a, b in zip(jax_leaves(model), before):  # nothing was applied
         np.testing.assert_array_equal(np.asarray(a), b)
     rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
     assert [r["train/skipped_steps"] for r in rows] == [1, 2]
     assert rows[0]["train/loss"] is None  # strict JSON: NaN is logged as null
+
+
+def test_a_nonfinite_loss_with_a_finite_gradient_is_skipped_too(tmp_path):
+    def nan_term(m, batch):  # a term whose coefficient is 0 and whose value overflowed: 0 * inf = NaN
+        loss = jnp.mean(m(batch["tokens_BxT"]).astype(jnp.float32)) + 0.0 * jnp.float32(jnp.inf)
+        return loss, {"loss": loss}
+
+    with pytest.raises(NonFiniteError, match="3 updates in a row .* non-finite loss or gradient"):
+        fit_tiny(tmp_path, nan_term)
+    before, model = fit_tiny.models
+    for a, b in zip(jax_leaves(model), before):
+        np.testing.assert_array_equal(np.asarray(a), b)
+    rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    assert [r["train/skipped_steps"] for r in rows] == [1, 2]
+    assert rows[0]["train/grad_norm"] is not None  # the gradient itself was finite
+
+
+def test_a_nonfinite_final_evaluation_fails_the_run_without_a_summary(tmp_path):
+    def loss(m, batch):
+        loss = jnp.mean(m(batch["tokens_BxT"]).astype(jnp.float32))
+        return loss, {"loss": loss}
+
+    with pytest.raises(NonFiniteError, match="final evaluation at step 2 is not finite: eval/loss "):
+        fit_tiny(tmp_path, loss, evaluate=lambda *a: {"loss": float("nan"), "accuracy": 0.5, "auc": None},
+                 num_steps=2)
+    assert not os.path.exists(tmp_path / "summary.json")
+    rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    assert rows[-1] == {"step": 2, "eval/loss": None, "eval/accuracy": 0.5}
 
 
 def jax_leaves(model):
