@@ -268,14 +268,32 @@ def cmd_export(args) -> dict[str, str]:
 
 
 # -- the command line -------------------------------------------------------------------------------
+def _checked(kind: type, check):
+    """An argparse `type`: `kind(text)` that `check` (a `config_checks.Check`) accepts; otherwise argparse
+    exits with status 2 naming the flag: `argument --top_p: expected a finite number in (0, 1], got 1.5`."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = text
+        if not check.ok(value):
+            raise argparse.ArgumentTypeError(f"expected {check.expected}, got {text}")
+        return value
+
+    return parse
+
+
 def _generation_args(p: argparse.ArgumentParser) -> None:
+    from pe_rlhf.config_checks import integer, number
+
     p.add_argument("--model", required=True, help="policy: a run workdir or a model source (see above)")
-    p.add_argument("--max_new_tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
-    p.add_argument("--top_k", type=int, default=None)
-    p.add_argument("--top_p", type=float, default=None)
+    p.add_argument("--max_new_tokens", type=_checked(int, integer(ge=1)), default=64)
+    p.add_argument("--temperature", type=_checked(float, number(ge=0)), default=0.0, help="0: greedy")
+    p.add_argument("--top_k", type=_checked(int, integer(ge=1)), default=None)
+    p.add_argument("--top_p", type=_checked(float, number(gt=0, le=1)), default=None)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max_prompt_len", type=int, default=512, help="longer prompts lose tokens from the left")
+    p.add_argument("--max_prompt_len", type=_checked(int, integer(ge=1)), default=512,
+                   help="longer prompts lose tokens from the left")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
 
 

@@ -92,6 +92,29 @@ def test_generate_script_takes_a_run_workdir(rl_dir):
     assert f"{rl_dir} (remax, lora, step 3)" in r.stderr
 
 
+@pytest.mark.parametrize("command", ["generate", "chat"])
+@pytest.mark.parametrize("flag, value, expected", [
+    ("--max_new_tokens", "-3", "expected an integer >= 1, got -3"),
+    ("--max_new_tokens", "0", "expected an integer >= 1, got 0"),
+    ("--temperature", "-0.5", "expected a finite number >= 0, got -0.5"),
+    ("--temperature", "nan", "expected a finite number >= 0, got nan"),
+    ("--top_p", "0", "expected a finite number in (0, 1], got 0"),
+    ("--top_p", "1.5", "expected a finite number in (0, 1], got 1.5"),
+    ("--top_k", "0", "expected an integer >= 1, got 0"),
+    ("--top_k", "2.5", "expected an integer >= 1, got 2.5"),
+])
+def test_a_sampling_argument_out_of_range_is_an_argparse_error_naming_the_flag(command, flag, value, expected,
+                                                                                capsys):
+    argv = [command, "--model", "tiny", flag, value] + (["--prompt", "hi"] if command == "generate" else [])
+    with pytest.raises(SystemExit) as e:
+        cli.main(argv)  # refused while parsing: no model is loaded
+    assert e.value.code == 2
+    assert f"error: argument {flag}: {expected}" in capsys.readouterr().err
+    args = cli.parser().parse_args([command, "--model", "tiny", "--top_p", "1", "--top_k", "1", "--temperature", "0",
+                                    "--max_new_tokens", "1"] + (["--prompt", "hi"] if command == "generate" else []))
+    assert (args.top_p, args.top_k, args.temperature, args.max_new_tokens) == (1.0, 1, 0.0, 1)  # the bounds are in
+
+
 def test_chat_uses_the_hh_format_without_a_template_and_keeps_the_conversation(rl_dir, monkeypatch, capsys):
     monkeypatch.setattr(sys, "stdin", io.StringIO("how do I bake a cake?\nand a car?\n/exit\n"))
     history = cli.main(["chat", "--model", rl_dir, "--max_new_tokens", "6"])

@@ -16,6 +16,7 @@ import os
 
 import numpy as np
 
+from pe_rlhf.config_checks import integer, optional
 from pe_rlhf.data import sources
 from pe_rlhf.data.examples import Loaded
 
@@ -29,6 +30,9 @@ _NAMED = {
 
 def named_dataset(name: str, data_dir: str | None = None, limit: int | None = None) -> Loaded:
     """The examples of a named set; `limit` keeps the first N (for quick runs)."""
+    if not optional(integer(ge=1)).ok(limit):
+        raise ValueError(f"named_dataset.limit={limit!r}: expected an integer >= 1 (how many examples to keep "
+                         "from the start of the set), or None to keep them all")
     data_dir = data_dir or sources.default_data_dir()
     if name.startswith("tfds:"):
         from pe_rlhf.data import tfds_builders

@@ -27,7 +27,7 @@ Taskmaster reward files (`taskmaster/<coffee|ticketing>/reward_*.json`)
 Generic JSONL (`.jsonl`, or `.jsonl.gz`), one object a line, extra fields ignored,
 blank lines skipped:
     preference  {"prompt", "chosen", "rejected"[, "margin"]}
-    labeled     {"prompt", "response", "label"}
+    labeled     {"prompt", "response", "label"}  (label 0 or 1, or a soft label in [0, 1])
     sft         {"prompt", "response"}
 
 Errors name the file and line (or example index) and the field. Pairs whose
@@ -155,6 +155,15 @@ def _number(row: dict, name: str, where: str, default: float | None = None) -> f
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise DataError(f"{where}: field '{name}' must be a finite number, got {value!r}")
     return float(value)
+
+
+def _label(row: dict, name: str, where: str) -> float:
+    """A classification label: 0 (bad) or 1 (good), or a soft label between them (the BCE target probability)."""
+    value = _number(row, name, where)
+    if not 0.0 <= value <= 1.0:
+        raise DataError(f"{where}: field '{name}' must be a label in [0, 1] (0 bad, 1 good, or a soft label "
+                        f"between them: the probability that the response is good), got {row[name]!r}")
+    return value
 
 
 def _finish(examples: list, source: str, skipped_identical: int = 0, skipped_long: int = 0) -> Loaded:
@@ -290,7 +299,7 @@ def read_taskmaster(path: str) -> Loaded:
             context = _decoded(row, "context", where, list)
             generation = _decoded(row, "generation", where, dict)
             prompt, response = render_taskmaster(context, generation, where)
-            examples.append(LabeledExample(prompt, response, _number(row, "reward", where)))
+            examples.append(LabeledExample(prompt, response, _label(row, "reward", where)))
     return _finish(examples, path)
 
 
@@ -316,7 +325,7 @@ def read_labeled_jsonl(path: str, max_line_bytes: int | None = None) -> Loaded:
     path = _check_file(path, "a JSONL file of {prompt, response, label} objects")
     lines = _JsonLines(path, max_line_bytes)
     examples = [
-        LabeledExample(_text(row, "prompt", where), _text(row, "response", where), _number(row, "label", where))
+        LabeledExample(_text(row, "prompt", where), _text(row, "response", where), _label(row, "label", where))
         for where, row in lines
     ]
     return _finish(examples, path, skipped_long=lines.skipped)

@@ -180,6 +180,31 @@ def test_missing_field_names_file_line_and_field(tmp_path):
         sources.read_sft_jsonl(path)
 
 
+def test_a_label_outside_0_1_names_file_line_and_field(tmp_path):
+    path = _write(tmp_path / "l.jsonl", [json.dumps({"prompt": "P", "response": "R", "label": 1}),
+                                         json.dumps({"prompt": "P", "response": "R", "label": 0.25}),
+                                         json.dumps({"prompt": "P", "response": "R", "label": 5})])
+    with pytest.raises(DataError, match=f"^{path}:3: field 'label' must be a label in \\[0, 1\\] \\(0 bad, 1 good, "
+                                        "or a soft label between them.*got 5$"):
+        sources.read_labeled_jsonl(path)
+    path = _write(tmp_path / "soft.jsonl", [json.dumps({"prompt": "P", "response": "R", "label": 0.25}),
+                                            json.dumps({"prompt": "P", "response": "R", "label": 0})])
+    assert [e.label for e in sources.read_labeled_jsonl(path).examples] == [0.25, 0.0]
+    file = tmp_path / "reward_00.json"
+    file.write_text(json.dumps([{"conversation_id": "c0", "context": "[]", "reward": -1,
+                                 "generation": '{"role": "agent", "text": "hi"}'}]))
+    with pytest.raises(DataError, match=f"^{file}: example 0 \\(c0\\): field 'reward' must be a label in"):
+        sources.read_taskmaster(str(file))
+
+
+def test_named_dataset_limit_must_keep_at_least_one_example(tmp_path):
+    from pe_rlhf.data.named import named_dataset
+
+    for limit in (-5, 0, 2.5, True):
+        with pytest.raises(ValueError, match=f"^named_dataset.limit={limit!r}: expected an integer >= 1"):
+            named_dataset("hh_harmless", data_dir=str(tmp_path), limit=limit)  # before any file is read
+
+
 def test_empty_dataset_names_the_file(tmp_path):
     path = _write(tmp_path / "empty.jsonl", ["", "  "])
     with pytest.raises(DataError, match=f"^{path}: no examples \\(the file is empty\\)"):
