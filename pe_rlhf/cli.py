@@ -252,6 +252,13 @@ def cmd_score(args) -> dict:
 def cmd_export(args) -> dict[str, str]:
     from pe_rlhf.runs import export_run, load_run
 
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise ValueError(f"export --out {args.out}: a file, not a directory; nothing was written")
+    present = sorted(os.listdir(args.out)) if os.path.isdir(args.out) else []
+    if present and not args.overwrite:
+        shown = ", ".join(present[:5]) + (", ..." if len(present) > 5 else "")
+        raise ValueError(f"export --out {args.out}: the directory exists and is not empty ({shown}); nothing was "
+                         "written. Pass a new --out, or --overwrite to write the exports over it")
     with _loading():
         run = load_run(args.run, dtype=args.dtype)
     written = export_run(run, args.out, args.format)
@@ -339,6 +346,8 @@ def parser() -> argparse.ArgumentParser:
                                                 "HF directory), OUT/head")
     p.add_argument("--format", default="all", choices=("merged", "peft", "head", "all"),
                    help="all (default): every export that applies to the run")
+    p.add_argument("--overwrite", action="store_true",
+                   help="write into an --out that is not empty (its exports are replaced, other files left)")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
 
     sub.add_parser("train", help=COMMANDS["train"], add_help=False)

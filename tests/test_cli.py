@@ -280,6 +280,25 @@ def test_export_an_rl_run_merged_and_as_peft(rl_dir, tmp_path):
         cli.main(["export", "--run", rl_dir, "--out", str(tmp_path / "x"), "--format", "head"])
 
 
+def test_export_into_a_directory_that_is_not_empty_needs_overwrite(tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()  # an empty directory is fine
+    assert sorted(cli.main(["export", "--run", "tiny", "--out", str(out), "--format", "merged"])) == ["merged"]
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match=f"^export --out {out}: the directory exists and is not empty "
+                                         r"\(merged, notes.txt\); nothing was written. .*--overwrite"):
+        cli.main(["export", "--run", "tiny", "--out", str(out), "--format", "merged"])
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.name != "notes.txt"} == before
+    written = cli.main(["export", "--run", "tiny", "--out", str(out), "--format", "merged", "--overwrite"])
+    assert (out / "notes.txt").read_text() == "mine"  # replaced: the exports; other files are left
+    assert (out / "merged" / "config.json").stat().st_mtime_ns > before[out / "merged" / "config.json"]
+    assert written == {"merged": str(out / "merged")}
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match="a file, not a directory; nothing was written"):
+        cli.main(["export", "--run", "tiny", "--out", str(tmp_path / "file")])
+
+
 def test_export_an_sft_run_restores_what_its_own_export_holds(tmp_path):
     from peft import PeftModel
 
