@@ -5,7 +5,8 @@ the job (`run.job = @train_reward_model`) and binds the library's functions and
 option dataclasses registered below. The workdir receives `config.gin` (what was
 asked), `operative_config.gin` (every value actually used), metrics.jsonl,
 TensorBoard events, summary.json and Orbax checkpoints. A config error (a missing
-file, a typo, no job, a wrong value) is raised before anything is written.
+file, a typo, no job, a wrong value) is raised before anything is written, and so is
+a second run on a workdir that a running process holds (`train.workdir_lock`).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from pe_rlhf.models.heads import EnsembleRule  # noqa: E402
 from pe_rlhf.train.policy import RLConfig  # noqa: E402
 from pe_rlhf.train.records import RunIdentityError  # noqa: E402
 from pe_rlhf.train.optim import OptimizerConfig  # noqa: E402
+from pe_rlhf.train.workdir_lock import workdir_lock  # noqa: E402
 from pe_rlhf.sharding.mesh import MeshConfig  # noqa: E402
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
@@ -178,16 +180,17 @@ def main(argv=None):
 
         topology(args.topology)  # an unknown topology fails here, before anything is written or compiled
     os.makedirs(args.workdir, exist_ok=True)
-    config_path, operative_path = attempt_paths(args.workdir)
-    with open(config_path, "w") as f:
-        f.write(gin.config_str())
-    try:
-        summary = run(workdir=args.workdir, plan_only=args.topology if args.compile_only else None)
-    except RunIdentityError:
-        os.remove(config_path)  # refused before anything ran: leave the workdir as it was
-        raise
-    with open(operative_path, "w") as f:
-        f.write(gin.operative_config_str())
+    with workdir_lock(args.workdir):  # another run writing this workdir is refused here, before config.gin
+        config_path, operative_path = attempt_paths(args.workdir)
+        with open(config_path, "w") as f:
+            f.write(gin.config_str())
+        try:
+            summary = run(workdir=args.workdir, plan_only=args.topology if args.compile_only else None)
+        except RunIdentityError:
+            os.remove(config_path)  # refused before anything ran: leave the workdir as it was
+            raise
+        with open(operative_path, "w") as f:
+            f.write(gin.operative_config_str())
     printable = {k: v for k, v in summary.items() if isinstance(v, (int, float, str))}
     print(json.dumps(printable, indent=2, default=str))
     return summary

@@ -1,6 +1,6 @@
 """The one training loop, shared by SFT, reward models and RL: the only place with checkpoints and logging.
 
-    check the workdir's run identity -> restore (state, data position) -> for each step:
+    lock the workdir -> check its run identity -> restore (state, data position) -> for each step:
         step -> log -> evaluate -> checkpoint
     -> final checkpoint -> final evaluation -> summary.json
 
@@ -28,6 +28,7 @@ from pe_rlhf.data import BatchIterator
 from pe_rlhf.train.config import LoopConfig
 from pe_rlhf.train.optim import nonfinite_updates
 from pe_rlhf.train.records import check_identity, write_run_info
+from pe_rlhf.train.workdir_lock import workdir_lock
 from pe_rlhf.train.writer import MetricsWriter
 
 
@@ -69,7 +70,14 @@ def rss_peak_bytes() -> int:
 
 
 def train_loop(workdir: str, loop: LoopConfig, job: Job) -> tuple[dict, dict]:
-    """Run (or resume) `job` for `loop.num_steps` steps in `workdir`; returns (final state, summary)."""
+    """Run (or resume) `job` for `loop.num_steps` steps in `workdir`; returns (final state, summary).
+
+    The workdir is locked meanwhile (`workdir_lock`): another process training in it is refused."""
+    with workdir_lock(workdir):
+        return _train(workdir, loop, job)
+
+
+def _train(workdir: str, loop: LoopConfig, job: Job) -> tuple[dict, dict]:
     os.makedirs(workdir, exist_ok=True)
     ckpt = RunCheckpointer(os.path.join(workdir, "checkpoints"), every=loop.checkpoint_every,
                            keep=loop.keep_checkpoints)
