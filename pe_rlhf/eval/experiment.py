@@ -85,20 +85,28 @@ def rm_budgets(info: dict) -> D.TokenizeOptions:
                              eos_id=data.get("eos_id"))
 
 
-def rm_agreement(scorers: Scorers, pairs: D.Loaded, z: float = J.wilson_interval.__defaults__[0]) -> dict:
-    """Each reward model's accuracy on `pairs` (which neither trained on) and how often they agree."""
+def pair_margins(scorers: Scorers, pairs: D.Loaded) -> dict[str, np.ndarray]:
+    """Each reward model's score of the chosen response minus the rejected one's, per pair."""
     prompts = [e.prompt for e in pairs.examples]
-    out, margins = {"pairs": len(prompts), "source": pairs.source}, {}
+    return {name: getattr(scorers, name)(prompts, [e.chosen for e in pairs.examples])
+            - getattr(scorers, name)(prompts, [e.rejected for e in pairs.examples]) for name in ("proxy", "judge")}
+
+
+def margin_agreement(margins: dict[str, np.ndarray], z: float = J.wilson_interval.__defaults__[0]) -> dict:
+    """Each reward model's pairwise accuracy (margin > 0) and how often the two agree, from their margins."""
+    out = {"pairs": int(len(margins["proxy"]))}
     for name in ("proxy", "judge"):
-        fn = getattr(scorers, name)
-        chosen, rejected = fn(prompts, [e.chosen for e in pairs.examples]), fn(prompts, [e.rejected for e in pairs.examples])
-        margins[name] = chosen - rejected
         acc = J.rate_with_ci(margins[name] > 0, z)
         out[f"{name}_pairwise_accuracy"], out[f"{name}_pairwise_accuracy_ci"] = acc["rate"], acc["ci"]
     agree = J.rate_with_ci(np.sign(margins["proxy"]) == np.sign(margins["judge"]), z)
     out["agreement"], out["agreement_ci"] = agree["rate"], agree["ci"]
     out["margin_correlation"] = float(np.corrcoef(margins["proxy"], margins["judge"])[0, 1])
     return out
+
+
+def rm_agreement(scorers: Scorers, pairs: D.Loaded, z: float = J.wilson_interval.__defaults__[0]) -> dict:
+    """Each reward model's accuracy on `pairs` (which neither trained on) and how often they agree."""
+    return {**margin_agreement(pair_margins(scorers, pairs), z), "source": pairs.source}
 
 
 # -- KL to the SFT model ------------------------------------------------------------------------------

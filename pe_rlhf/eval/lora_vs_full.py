@@ -39,7 +39,7 @@ from pe_rlhf.data.sources import first_human_turn
 from pe_rlhf.eval import frontier as F
 from pe_rlhf.eval import judge as J
 from pe_rlhf.eval import winrate
-from pe_rlhf.eval.experiment import EvalConfig, Scorers, format_ci, rm_agreement, sequence_logprobs
+from pe_rlhf.eval.experiment import EvalConfig, Scorers, format_ci, margin_agreement, pair_margins, sequence_logprobs
 from pe_rlhf.eval.refusal import refusal_flags
 from pe_rlhf.train.config import LoopConfig, TuningConfig
 from pe_rlhf.train.loop import rss_peak_bytes
@@ -164,11 +164,12 @@ def held_out_prompts(held_out: D.Loaded) -> tuple[list[str], list[str]]:
 
 def rm_agreement_by_group(scorers: Scorers, held_out: D.Loaded, z: float) -> dict:
     """Each reward model's held-out pairwise accuracy and their agreement: overall and per group."""
-    out = {"overall": rm_agreement(scorers, held_out, z)}
+    margins = pair_margins(scorers, held_out)
+    group = np.array([e.group for e in held_out.examples])
+    out = {"overall": {**margin_agreement(margins, z), "source": held_out.source}}
     for g in GROUPS:
-        part = dataclasses.replace(held_out, examples=tuple(e for e in held_out.examples if e.group == g),
-                                   source=f"{held_out.source} [{g}]")
-        out[g] = rm_agreement(scorers, part, z)
+        out[g] = {**margin_agreement({k: m[group == g] for k, m in margins.items()}, z),
+                  "source": f"{held_out.source} [{g}]"}
     return out
 
 
