@@ -339,6 +339,18 @@ def _read(path: str):
         return json.load(f)
 
 
+def step_rate(rl_dir: str, batch_size: int | None) -> dict:
+    """A training run's median examples per second over its logged steps, and the seconds per step it means."""
+    path = os.path.join(rl_dir, "metrics.jsonl")
+    rates = []
+    if os.path.isfile(path):
+        with open(path) as f:
+            rates = [m["train/examples_per_s"] for m in map(json.loads, f) if m.get("train/examples_per_s")]
+    median = float(np.median(rates)) if rates else None
+    return {"median_examples_per_s": median,
+            "seconds_per_step": batch_size / median if median and batch_size else None}
+
+
 def collect(workdir: str) -> dict:
     """Every finished stage's figures under one dict (what `docs/results/hh_rlhf.json` holds)."""
     from pe_rlhf.train.stages import finished
@@ -359,15 +371,11 @@ def collect(workdir: str) -> dict:
         rl = finished(d("rl", name)) if name != BASELINE else None
         if rl is not None:
             s = rl["summary"]
-            metrics = [json.loads(line) for line in open(d("rl", name, "metrics.jsonl"))]
-            rates = [m["train/examples_per_s"] for m in metrics if m.get("train/examples_per_s")]
-            batch = s.get("batch_size")
             info = _read(d("rl", name, "run_info.json")) or {}
             row["rl"] = {"algorithm": s.get("algorithm"), "tuning": s.get("tuning"), "steps": s.get("step"),
                          "seconds": rl["seconds"], "compiled_peak_bytes": s.get("compiled_peak_bytes"),
                          "rss_peak_bytes_process": s.get("rss_peak_bytes_process"),
-                         "median_examples_per_s": float(np.median(rates)) if rates else None,
-                         "seconds_per_step": (batch / float(np.median(rates))) if rates and batch else None,
+                         **step_rate(d("rl", name), s.get("batch_size")),
                          **{k: info.get(k) for k in ("reward_model", "reward_rule")}}
             row["curve"] = _read(d("eval", name, "curve.json"))
         out["lines"][name] = row

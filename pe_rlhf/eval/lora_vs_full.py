@@ -35,11 +35,11 @@ from typing import Callable, Sequence
 import numpy as np
 
 from pe_rlhf import data as D
-from pe_rlhf.data.sources import first_human_turn
 from pe_rlhf.eval import frontier as F
 from pe_rlhf.eval import judge as J
 from pe_rlhf.eval import winrate
-from pe_rlhf.eval.experiment import EvalConfig, Scorers, format_ci, margin_agreement, pair_margins, sequence_logprobs
+from pe_rlhf.eval.experiment import (EvalConfig, Scorers, format_ci, margin_agreement, pair_margins,
+                                     sequence_logprobs, step_rate)
 from pe_rlhf.eval.refusal import refusal_flags
 from pe_rlhf.train.config import LoopConfig, TuningConfig
 from pe_rlhf.train.loop import rss_peak_bytes
@@ -351,10 +351,6 @@ def collect(workdir: str, arms: dict, reference_arm: str, select_kl: float, kl_t
 def _line_record(workdir, rel, arm, points) -> dict:
     info = read_run_info(os.path.join(workdir, "rl", rel)) or {}
     rl_summary = read_json(os.path.join(workdir, "rl", rel, "summary.json")) or {}
-    metrics_path = os.path.join(workdir, "rl", rel, "metrics.jsonl")
-    rates = [m["train/examples_per_s"] for m in map(json.loads, open(metrics_path))
-             if m.get("train/examples_per_s")] if os.path.isfile(metrics_path) else []
-    batch = rl_summary.get("batch_size")
     keys = ("judge_diff_vs_sft", "judge_diff_vs_sft_sampled", "proxy_diff_vs_sft", "judge_win_rate",
             "judge_diff_net_of_length_and_refusal", "refusal_rate_helpful", "refusal_rate_harmless",
             "refusal_rate_helpful_sampled", "refusal_rate_harmless_sampled", "kl_to_sft", "eos_fraction",
@@ -364,7 +360,8 @@ def _line_record(workdir, rel, arm, points) -> dict:
             "steps": points[-1]["step"], "lora": info.get("lora"), "tuning": info.get("tuning"),
             "cost": {"compiled_peak_bytes": rl_summary.get("compiled_peak_bytes"),
                      "rss_peak_bytes_process": rl_summary.get("rss_peak_bytes_process"),
-                     "seconds_per_step": batch / float(np.median(rates)) if rates and batch else None},
+                     "seconds_per_step": step_rate(os.path.join(workdir, "rl", rel),
+                                                   rl_summary.get("batch_size"))["seconds_per_step"]},
             "evaluations": [{"step": p["step"], **{k: p["summary"].get(k) for k in keys}} for p in points]}
 
 
