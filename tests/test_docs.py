@@ -20,8 +20,17 @@ _CODE_SPAN = re.compile(r"`[^`]*`")
 
 
 def _markdown_files():
-    out = subprocess.run(["git", "ls-files", "*.md"], cwd=REPO, capture_output=True, text=True, check=True)
-    return [p for p in out.stdout.split() if p]
+    """The tracked .md files; outside a git checkout, every .md file under the repository."""
+    out = subprocess.run(["git", "ls-files", "*.md"], cwd=REPO, capture_output=True, text=True)
+    if out.returncode == 0 and out.stdout.strip():
+        return out.stdout.split()
+    return sorted(
+        os.path.relpath(os.path.join(d, f), REPO)
+        for d, dirs, files in os.walk(REPO)
+        if not any(part.startswith(".") for part in os.path.relpath(d, REPO).split(os.sep) if part != ".")
+        for f in files
+        if f.endswith(".md")
+    )
 
 
 def _prose_lines(path):
