@@ -27,6 +27,7 @@ setup(
         "tqdm",
         "tensorboardX>=2.6",
         "matplotlib",
+        "rouge-score>=0.1.2",  # ROUGE-L of summaries against references (pe_rlhf.eval.rouge)
     ],
     extras_require={
         # torch is pinned to the CPU wheel: a plain `torch` would pull several GB of CUDA packages.

@@ -25,7 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from pe_rlhf import cli  # noqa: E402
 from pe_rlhf import data as D  # noqa: E402
-from pe_rlhf.data.named import dataset_part, named_dataset  # noqa: E402
+from pe_rlhf.data.named import dataset_part, named_dataset, sft_mix  # noqa: E402
 from pe_rlhf.models.lora import LoRAConfig  # noqa: E402
 from pe_rlhf.data import toy  # noqa: E402
 from pe_rlhf.eval import experiment as eval_experiment  # noqa: E402
@@ -61,7 +61,8 @@ class _QuietGinIncludes(logging.Filter):
 def _register():
     """Everything a config may bind, under short names; `include 'x.gin'` finds the shipped configs."""
     gin.add_config_file_search_path(CONFIG_DIR)
-    for fn in (supervised.train_reward_model, supervised.train_sft, rl_loop.train_policy, named_dataset, dataset_part, D.read_hh_harmless,
+    for fn in (supervised.train_reward_model, supervised.train_sft, rl_loop.train_policy, named_dataset, dataset_part, sft_mix,
+               D.read_hh_harmless, D.read_tldr_comparisons, D.read_tldr_references,
                D.read_taskmaster, D.read_preference_jsonl, D.read_labeled_jsonl, D.read_sft_jsonl,
                D.read_prompts_jsonl, pipeline.rlhf_pipeline, winrate.judge_policies, eval_experiment.rlhf_experiment,
                lora_vs_full.lora_vs_full):

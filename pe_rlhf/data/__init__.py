@@ -13,7 +13,8 @@ from pe_rlhf.data.examples import DataError, LabeledExample, Loaded, PreferenceE
 from pe_rlhf.data.iterator import BatchIterator, epoch_order, train_eval_split
 from pe_rlhf.data.sources import (default_data_dir, prompts_of, read_hh_harmless, read_labeled_jsonl,
                                   read_preference_jsonl, read_prompts_jsonl, read_sft_jsonl, read_taskmaster,
-                                  sft_from_labeled, sft_from_preferences)
+                                  read_tldr_comparisons, read_tldr_references, sft_from_labeled,
+                                  sft_from_preferences)
 from pe_rlhf.data.tokenize import (TokenizedLabeled, TokenizedPair, TokenizedSFT, TokenizeOptions, TokenStats,
                                    tokenize_labeled, tokenize_preferences, tokenize_prompts, tokenize_sft)
 
@@ -22,6 +23,7 @@ __all__ = [
     "TokenizeOptions", "TokenStats", "TokenizedLabeled", "TokenizedPair", "TokenizedSFT",
     "batch_labeled", "batch_preferences", "batch_prompts", "batch_sft", "default_data_dir", "epoch_order",
     "pad_sequences", "prompts_of", "read_hh_harmless", "read_labeled_jsonl", "read_preference_jsonl",
-    "read_prompts_jsonl", "read_sft_jsonl", "read_taskmaster", "sft_from_labeled", "sft_from_preferences",
+    "read_prompts_jsonl", "read_sft_jsonl", "read_taskmaster", "read_tldr_comparisons", "read_tldr_references",
+    "sft_from_labeled", "sft_from_preferences",
     "tokenize_labeled", "tokenize_preferences", "tokenize_prompts", "tokenize_sft", "train_eval_split",
 ]

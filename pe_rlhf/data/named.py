@@ -7,6 +7,12 @@ tensorflow-datasets builders instead (built from the same local files into
 
 `hh` is HH helpful-base and harmless-base together, each pair tagged with its set
 (`PreferenceExample.group`: "helpful" or "harmless").
+
+`tldr` is the 9,035 Reddit TL;DR comparisons (Bradley-Terry pairs over 1,503 posts) and `tldr_references`
+500 other posts with a human reference summary (`PromptResponse`s); both are split by post
+(`dataset_part(..., by="post")`). In the TL;DR experiment the references' held-out part (100 posts) is the
+set of held-out prompts with a reference (ROUGE-L), and their train part joins the chosen summaries of the
+comparisons' train part as SFT data (`sft_mix`); they need no judge part (`judge_fraction=0`).
 """
 
 from __future__ import annotations
@@ -18,11 +24,13 @@ import numpy as np
 
 from pe_rlhf.config_checks import integer, optional
 from pe_rlhf.data import sources
-from pe_rlhf.data.examples import Loaded
+from pe_rlhf.data.examples import LabeledExample, Loaded, PreferenceExample, PromptResponse
 
 _NAMED = {
     "hh_harmless": (sources.read_hh_harmless, sources.HH_HARMLESS),
     "hh_helpful": (sources.read_hh_harmless, sources.HH_HELPFUL),
+    "tldr": (sources.read_tldr_comparisons, sources.TLDR_COMPARISONS),
+    "tldr_references": (sources.read_tldr_references, sources.TLDR_REFERENCES),
     "taskmaster_coffee": (sources.read_taskmaster, sources.TASKMASTER_COFFEE),
     "taskmaster_ticketing": (sources.read_taskmaster, sources.TASKMASTER_TICKETING),
 }
@@ -58,7 +66,9 @@ def named_dataset(name: str, data_dir: str | None = None, limit: int | None = No
 
 
 PARTS = ("eval", "train", "judge")
-SPLIT_BY = ("prompt", "first_human_turn")
+SPLIT_BY = ("prompt", "first_human_turn", "post")
+# what keeps items together (a function of the prompt), and what its keys are called in errors
+_KEYS = {"first_human_turn": (sources.first_human_turn, "conversations"), "post": (sources.tldr_post, "posts")}
 
 
 def dataset_part(dataset: Loaded, part: str, *, held_out: int = 100, judge_fraction: float = 0.5,
@@ -66,31 +76,39 @@ def dataset_part(dataset: Loaded, part: str, *, held_out: int = 100, judge_fract
     """One of three disjoint parts of `dataset`, for an experiment whose judge must be independent.
 
     - 'eval': `held_out` prompts that no stage trains on (the final evaluation's prompts);
-    - 'judge': `judge_fraction` of the other prompts, for a judge reward model no other stage sees;
+    - 'judge': `judge_fraction` of the other prompts, for a judge reward model no other stage sees
+      (`judge_fraction=0`: no judge part, for a set no judge learns from, such as TL;DR's references);
     - 'train': the rest, for SFT, the proxy reward model and the RL prompts.
 
     `by` is what keeps items together:
     - "prompt": items with the same prompt stay in one part;
     - "first_human_turn": items whose dialogues open with the same human turn stay in one part, so a
-      conversation held at several depths (one prompt a prefix of another) is never split. `held_out`
-      then counts conversations per group (`PreferenceExample.group`, e.g. 100 helpful and 100 harmless).
+      conversation held at several depths (one prompt a prefix of another) is never split;
+    - "post": items about the same Reddit post (`sources.tldr_post`, its subreddit and title) stay in one
+      part, so a post's ~6 TL;DR comparisons, and its copies whose text differs slightly, are never split.
+    With "first_human_turn" and "post", `held_out` counts conversations or posts per group
+    (`PreferenceExample.group`, e.g. 100 helpful and 100 harmless; TL;DR has one group).
 
     The split is a seeded permutation of the distinct keys, so it is the same on every call, in every process.
     """
     if part not in PARTS:
         raise ValueError(f"dataset_part(part={part!r}): choose one of {', '.join(PARTS)}")
-    if not 0.0 < judge_fraction < 1.0:
-        raise ValueError(f"dataset_part(judge_fraction={judge_fraction}): must be in (0, 1)")
+    if not 0.0 <= judge_fraction < 1.0:
+        raise ValueError(f"dataset_part(judge_fraction={judge_fraction}): must be in [0, 1)")
+    if part == "judge" and judge_fraction == 0.0:
+        raise ValueError(f"{dataset.source}: dataset_part(part='judge', judge_fraction=0) asks for a judge part "
+                         "that is empty; give judge_fraction > 0, or take the 'eval' or 'train' part")
     if by not in SPLIT_BY:
         raise ValueError(f"dataset_part(by={by!r}): choose one of {', '.join(SPLIT_BY)}")
-    if by == "first_human_turn":
-        owner = _owners_by_first_turn(dataset, held_out, judge_fraction, seed)
-        kept = tuple(e for e in dataset.examples if owner[sources.first_human_turn(e.prompt)] == part)
+    if by in _KEYS:
+        key, what = _KEYS[by]
+        owner = _owners_by_key(dataset, key, held_out, judge_fraction, seed, what)
+        kept = tuple(e for e in dataset.examples if owner[key(e.prompt)] == part)
         return dataclasses.replace(dataset, examples=kept,
-                                   source=f"{dataset.source} [{part} part by first human turn, seed {seed}]")
+                                   source=f"{dataset.source} [{part} part by {by.replace('_', ' ')}, seed {seed}]")
     prompts = list(dict.fromkeys(e.prompt for e in dataset.examples))
     n_judge = round(judge_fraction * (len(prompts) - held_out))
-    if not (0 < held_out and 0 < n_judge < len(prompts) - held_out):
+    if not (0 < held_out and (0 < n_judge or judge_fraction == 0.0) and n_judge < len(prompts) - held_out):
         raise ValueError(f"{dataset.source}: {len(prompts)} distinct prompts cannot make an eval part of {held_out} "
                          f"and non-empty judge and train parts (judge_fraction={judge_fraction})")
     order = np.random.default_rng(seed).permutation(len(prompts))
@@ -101,31 +119,57 @@ def dataset_part(dataset: Loaded, part: str, *, held_out: int = 100, judge_fract
     return dataclasses.replace(dataset, examples=kept, source=f"{dataset.source} [{part} part, seed {seed}]")
 
 
-def _owners_by_first_turn(dataset: Loaded, held_out: int, judge_fraction: float, seed: int) -> dict[str, str]:
-    """The part of each first human turn: in a seeded order, the first `held_out` of each group go to
-    'eval'; of the rest, the first `judge_fraction` to 'judge' and the others to 'train'."""
+def _owners_by_key(dataset: Loaded, key, held_out: int, judge_fraction: float, seed: int,
+                   what: str) -> dict[str, str]:
+    """The part of each key (a first human turn, a post): in a seeded order, the first `held_out` of each
+    group go to 'eval'; of the rest, the first `judge_fraction` to 'judge' and the others to 'train'."""
     group_of = {}
     for e in dataset.examples:
-        group_of.setdefault(sources.first_human_turn(e.prompt), getattr(e, "group", ""))
+        group_of.setdefault(key(e.prompt), getattr(e, "group", ""))
     keys = list(group_of)
     sizes = {g: sum(1 for k in keys if group_of[k] == g) for g in dict.fromkeys(group_of.values())}
     small = {g: n for g, n in sizes.items() if n <= held_out}
     if held_out < 1 or small:
-        raise ValueError(f"{dataset.source}: cannot hold out {held_out} conversations per group and keep some for "
-                         f"training; conversations per group: {sizes}")
+        raise ValueError(f"{dataset.source}: cannot hold out {held_out} {what} per group and keep some for "
+                         f"training; {what} per group: {sizes}")
     order = np.random.default_rng(seed).permutation(len(keys))
     owner, taken, rest = {}, dict.fromkeys(sizes, 0), []
     for i in order:
-        key = keys[i]
-        if taken[group_of[key]] < held_out:
-            owner[key] = "eval"
-            taken[group_of[key]] += 1
+        k = keys[i]
+        if taken[group_of[k]] < held_out:
+            owner[k] = "eval"
+            taken[group_of[k]] += 1
         else:
-            rest.append(key)
+            rest.append(k)
     n_judge = round(judge_fraction * len(rest))
-    if not 0 < n_judge < len(rest):
-        raise ValueError(f"{dataset.source}: {len(rest)} conversations after the held-out ones cannot make non-empty "
-                         f"judge and train parts (judge_fraction={judge_fraction})")
-    for rank, key in enumerate(rest):
-        owner[key] = "judge" if rank < n_judge else "train"
+    if not ((0 < n_judge or judge_fraction == 0.0) and n_judge < len(rest)):
+        raise ValueError(f"{dataset.source}: {len(rest)} {what} after the held-out ones cannot make "
+                         f"non-empty judge and train parts (judge_fraction={judge_fraction})")
+    for rank, k in enumerate(rest):
+        owner[k] = "judge" if rank < n_judge else "train"
     return owner
+
+
+def sft_mix(datasets) -> Loaded:
+    """SFT examples of several sets, in order, each (prompt, response) once: a preference pair gives its
+    chosen response, a labelled example its response when labelled good (1.0), a `PromptResponse` itself.
+
+    For TL;DR: the references' train part and the comparisons' train part, whose posts' summaries are often
+    chosen in several comparisons (each is imitated once, however often it won)."""
+    datasets = list(datasets)
+    if not datasets:
+        raise ValueError("sft_mix(datasets=[]): give at least one dataset")
+    examples, seen = [], set()
+    for d in datasets:
+        first = d.examples[0] if d.examples else None
+        sft = (sources.sft_from_preferences(d.examples) if isinstance(first, PreferenceExample) else
+               sources.sft_from_labeled(d.examples) if isinstance(first, LabeledExample) else d.examples)
+        for e in sft:
+            if not isinstance(e, PromptResponse):
+                raise TypeError(f"{d.source}: sft_mix takes sets of preference, labelled or SFT examples, got "
+                                f"{type(e).__name__}")
+            if e not in seen:
+                seen.add(e)
+                examples.append(e)
+    return Loaded(tuple(examples), " + ".join(d.source for d in datasets) + " (SFT examples, each once)",
+                  skipped_long=sum(d.skipped_long for d in datasets))

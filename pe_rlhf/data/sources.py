@@ -24,6 +24,17 @@ Taskmaster reward files (`taskmaster/<coffee|ticketing>/reward_*.json`)
     JSON is `json.dumps(value, ensure_ascii=False)` (keys in file order); newlines
     inside a turn's text become spaces. The label is `reward` (1.0 good, 0.0 bad).
 
+Reddit TL;DR (`tldr/comparisons.jsonl.gz`, `tldr/reference_summaries.jsonl.gz`)
+    Comparisons: `{"prompt": "SUBREDDIT: s TITLE: t POST: p", "chosen": "TL;DR: ...", "rejected": "TL;DR: ..."}`.
+    References: `{"id", "subreddit", "title", "post", "summary"}`, rendered to the same
+    "SUBREDDIT: s TITLE: t POST: p". The prompt is that text and the cue `TLDR_CUE` ("\n\nTL;DR:", the
+    paragraph break and cue of Stiennon et al.'s format); a response is the summary after "TL;DR:", its
+    surrounding whitespace replaced by one leading space (" Girl doesn't know ..."), so summaries from
+    both files look alike (9,029 of the 9,035 comparisons have two spaces after "TL;DR:", 71 trailing
+    whitespace; the references none). A post is named by its "SUBREDDIT: s TITLE: t" head (`tldr_post`):
+    the comparisons hold two posts twice with slightly different text (one apostrophe; a truncated copy),
+    which that head keeps together.
+
 Generic JSONL (`.jsonl`, or `.jsonl.gz`), one object a line, extra fields ignored,
 blank lines skipped:
     preference  {"prompt", "chosen", "rejected"[, "margin"]}
@@ -52,12 +63,15 @@ from typing import Iterator
 from pe_rlhf.data.examples import DataError, LabeledExample, Loaded, PreferenceExample, Prompt, PromptResponse
 
 ASSISTANT = "\n\nAssistant:"
+TLDR_CUE = "\n\nTL;DR:"  # ends every TL;DR prompt: the summary follows it
 
 MAX_LINE_BYTES = 1 << 20  # longer JSONL lines are skipped and counted (readers' `max_line_bytes`)
 
 # Locations of the real sets, relative to the data directory (see ../shared/data/README.md).
 HH_HARMLESS = "hh_harmless/pairs.jsonl.gz"
 HH_HELPFUL = "hh_helpful/pairs.jsonl.gz"
+TLDR_COMPARISONS = "tldr/comparisons.jsonl.gz"
+TLDR_REFERENCES = "tldr/reference_summaries.jsonl.gz"
 TASKMASTER_COFFEE = "taskmaster/coffee"
 TASKMASTER_TICKETING = "taskmaster/ticketing"
 
@@ -217,6 +231,57 @@ def first_human_turn(prompt: str) -> str:
     their first human turn, so splitting by it keeps a conversation at any depth in one part."""
     head = prompt.split(ASSISTANT, 1)[0]
     return head.split("Human:", 1)[1].strip() if "Human:" in head else prompt.strip()
+
+
+# ---------------------------------------------------------------------------- Reddit TL;DR
+
+
+def _summary(row: dict, name: str, where: str, prefix: str = "") -> str:
+    """A summary field as a response: `prefix` ("TL;DR:") removed, whitespace stripped, one leading space."""
+    text = _text(row, name, where)
+    if not text.startswith(prefix):
+        raise DataError(f"{where}: field '{name}' must start with {prefix!r} (a TL;DR comparisons file), "
+                        f"got {text[:40]!r}")
+    text = text[len(prefix):].strip()
+    if not text:
+        raise DataError(f"{where}: field '{name}' holds no summary text")
+    return " " + text
+
+
+def read_tldr_comparisons(path: str, max_line_bytes: int | None = None) -> Loaded:
+    """Reddit TL;DR comparisons -> `PreferenceExample`s: prompt = post + `TLDR_CUE`, responses the summaries.
+
+    Pairs whose two summaries are the same text once whitespace is normalised are skipped and counted."""
+    path = _check_file(path, f"a TL;DR comparisons file ({TLDR_COMPARISONS} in the data directory)")
+    examples, identical, lines = [], 0, _JsonLines(path, max_line_bytes)
+    for where, row in lines:
+        prompt = _text(row, "prompt", where)
+        chosen, rejected = (_summary(row, k, where, "TL;DR:") for k in ("chosen", "rejected"))
+        if chosen == rejected:
+            identical += 1
+            continue
+        examples.append(PreferenceExample(prompt + TLDR_CUE, chosen, rejected))
+    return _finish(examples, path, identical, lines.skipped)
+
+
+def read_tldr_references(path: str, max_line_bytes: int | None = None) -> Loaded:
+    """Reddit TL;DR posts with a human reference summary -> `PromptResponse`s (prompt rendered as in the
+    comparisons, response the reference): SFT examples, or held-out prompts with a reference (ROUGE-L)."""
+    path = _check_file(path, f"a TL;DR reference summaries file ({TLDR_REFERENCES} in the data directory)")
+    examples, lines = [], _JsonLines(path, max_line_bytes)
+    for where, row in lines:
+        subreddit, title, post = (_text(row, k, where) for k in ("subreddit", "title", "post"))
+        prompt = f"SUBREDDIT: {subreddit} TITLE: {title} POST: {post}{TLDR_CUE}"
+        examples.append(PromptResponse(prompt, _summary(row, "summary", where)))
+    return _finish(examples, path, skipped_long=lines.skipped)
+
+
+def tldr_post(prompt: str) -> str:
+    """The post a TL;DR prompt is about, named by its "SUBREDDIT: s TITLE: t" head (the whole prompt when
+    it has no " POST:"). The same post can appear with slightly different text (an apostrophe, a cut);
+    splitting by this head keeps its copies in one part."""
+    head, sep, _ = prompt.partition(" POST:")
+    return head if sep else prompt
 
 
 # ---------------------------------------------------------------------------- Taskmaster

@@ -222,3 +222,34 @@ def test_tiny_sft_runs_end_to_end_and_exports(registered, tmp_path):
     np.testing.assert_array_equal(loaded, merged)  # the export is exactly the merged model
     np.testing.assert_allclose(loaded, trained, atol=1e-5, rtol=0)
     assert np.abs(loaded - base).max() > 1e-3  # and it carries the training, not the base alone
+
+
+def test_tldr_config_data_stages_resolve(registered, shared_data, monkeypatch):
+    """The draft TL;DR experiment: every stage's data, built from the config on the real files, split by post."""
+    import copy
+
+    from pe_rlhf.data import sources
+
+    monkeypatch.setenv("PE_RLHF_DATA_DIR", shared_data)
+    gin.clear_config()
+    gin.parse_config_files_and_bindings([os.path.join(REPO, "experiments", "configs", "tldr.gin")], [],
+                                        skip_unknown=False)
+    registered.check_options()
+    data = {key: copy.deepcopy(gin.query_parameter(key)) for key in (
+        "sft/train_sft.dataset", "proxy/train_reward_model.dataset", "judge/train_reward_model.dataset",
+        "train_policy.prompts", "lora_vs_full.held_out")}
+    with gin.config_scope("refs_eval"):
+        data["references"] = gin.get_configurable("dataset_part")()
+    sizes = {key: len(d) for key, d in data.items()}
+    assert sizes == {"sft/train_sft.dataset": 400 + 2068, "proxy/train_reward_model.dataset": 4183,
+                     "judge/train_reward_model.dataset": 4255, "train_policy.prompts": 4183,
+                     "lora_vs_full.held_out": 597, "references": 100}
+    posts = {key: {sources.tldr_post(e.prompt) for e in d.examples} for key, d in data.items()}
+    held = posts["lora_vs_full.held_out"] | posts["references"]
+    for key in ("sft/train_sft.dataset", "proxy/train_reward_model.dataset", "judge/train_reward_model.dataset"):
+        assert not posts[key] & held, key  # no stage trains on a held-out post
+    assert not posts["judge/train_reward_model.dataset"] & posts["proxy/train_reward_model.dataset"]
+    assert all(e.prompt.endswith("\n\nTL;DR:") for d in data.values() for e in d.examples)
+    assert gin.query_parameter("lora_vs_full.arms").keys() == {"lora_attn_r8", "full"}
+    assert (gin.query_parameter("EvalConfig.max_prompt_len"), gin.query_parameter("RLConfig.max_new_tokens")) == (400, 48)
+    gin.clear_config()
