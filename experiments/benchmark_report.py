@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 
-# Targets of issue 7 (benchmarks, not tests).
+# The speed and memory targets (benchmarks, not tests).
 TARGETS = {"lora_rm_memory": 0.40, "lora_rm_speedup": 1.5, "pe_remax_memory": 0.50, "pe_remax_speedup": 1.8}
 BASELINE = ("the fully tuned step of the same preset, remat and model dtype (float32 where that dtype has no "
             "full row), frozen weights unquantised, XLA attention")
