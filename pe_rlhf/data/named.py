@@ -72,7 +72,7 @@ _KEYS = {"first_human_turn": (sources.first_human_turn, "conversations"), "post"
 
 
 def dataset_part(dataset: Loaded, part: str, *, held_out: int = 100, judge_fraction: float = 0.5,
-                 seed: int = 0, by: str = "prompt") -> Loaded:
+                 seed: int = 0, by: str = "prompt", group: str | None = None) -> Loaded:
     """One of three disjoint parts of `dataset`, for an experiment whose judge must be independent.
 
     - 'eval': `held_out` prompts that no stage trains on (the final evaluation's prompts);
@@ -90,7 +90,21 @@ def dataset_part(dataset: Loaded, part: str, *, held_out: int = 100, judge_fract
     (`PreferenceExample.group`, e.g. 100 helpful and 100 harmless; TL;DR has one group).
 
     The split is a seeded permutation of the distinct keys, so it is the same on every call, in every process.
+    `group` keeps only that group's items of the part (e.g. the helpful pairs of the judge part, for a reward
+    model of one set): the split is made on the whole dataset first, so the parts are those of every other stage.
     """
+    part_of = _part(dataset, part, held_out=held_out, judge_fraction=judge_fraction, seed=seed, by=by)
+    if group is None:
+        return part_of
+    groups = list(dict.fromkeys(getattr(e, "group", None) for e in dataset.examples))
+    if group not in groups:
+        raise ValueError(f"{dataset.source}: dataset_part(group={group!r}): no such group; its groups are "
+                         f"{', '.join(map(repr, groups))}")
+    return dataclasses.replace(part_of, examples=tuple(e for e in part_of.examples if e.group == group),
+                               source=f"{part_of.source[:-1]}, {group} only]")
+
+
+def _part(dataset: Loaded, part: str, *, held_out: int, judge_fraction: float, seed: int, by: str) -> Loaded:
     if part not in PARTS:
         raise ValueError(f"dataset_part(part={part!r}): choose one of {', '.join(PARTS)}")
     if not 0.0 <= judge_fraction < 1.0:

@@ -265,6 +265,15 @@ def test_first_human_turn_keeps_a_conversation_at_every_depth_in_one_part():
     with pytest.raises(ValueError, match="by='turn'"):
         dataset_part(data, "eval", by="turn")
     assert dataclasses.replace(examples[0]).group == "harmless"
+    # one group of a part: the same split, that group's items only
+    kw = dict(held_out=5, judge_fraction=0.5, seed=3, by="first_human_turn")
+    for p, part in parts.items():
+        helpful = dataset_part(data, p, group="helpful", **kw)
+        assert helpful.examples == tuple(e for e in part.examples if e.group == "helpful")
+        assert helpful.source.endswith(", helpful only]")
+    assert len(dataset_part(data, "eval", group="harmless", **kw).examples) == 10
+    with pytest.raises(ValueError, match="group='helpfull'.*'harmless', 'helpful'"):
+        dataset_part(data, "eval", group="helpfull", **kw)
 
 
 def test_hh_helpful_and_harmless_split_by_first_turn_shares_no_conversation():
