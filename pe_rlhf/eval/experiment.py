@@ -59,20 +59,60 @@ class EvalConfig:
 # -- scoring with both reward models -------------------------------------------------------------------
 @dataclasses.dataclass
 class Scorers:
-    """The proxy and the judge reward models as text scorers `(prompts, responses) -> scores`."""
+    """The proxy and the judge reward models as text scorers `(prompts, responses) -> scores`.
+
+    Each may be one reward model, or one per group of prompts (`routed`): then a prompt is scored by the
+    reward model of its group, as Llama 2 scores a prompt flagged unsafe by its safety reward model."""
 
     proxy: Callable
     judge: Callable
-    proxy_dir: str
-    judge_dir: str
+    proxy_dir: str | dict
+    judge_dir: str | dict
 
     @classmethod
-    def load(cls, proxy_dir: str, judge_dir: str) -> "Scorers":
-        scorers = []
-        for rm_dir in (proxy_dir, judge_dir):
-            rm, tokenizer, info = winrate.load_reward_model(rm_dir)
-            scorers.append(J.reward_model_scorer(rm, tokenizer, options=rm_budgets(info)))
-        return cls(*scorers, proxy_dir, judge_dir)
+    def load(cls, proxy_dir: str | dict, judge_dir: str | dict, group_of: dict | None = None) -> "Scorers":
+        """`proxy_dir` and `judge_dir`: a reward model's workdir, or {group: workdir}; with groups, `group_of`
+        maps each prompt that will be scored to its group."""
+        return cls(_load_scorer(proxy_dir, group_of), _load_scorer(judge_dir, group_of), proxy_dir, judge_dir)
+
+
+def _load_scorer(rm_dir: str | dict, group_of: dict | None) -> Callable:
+    if isinstance(rm_dir, dict):
+        if group_of is None:
+            raise ValueError(f"Scorers.load: reward models by group ({', '.join(rm_dir)}) need group_of, "
+                             "each prompt's group")
+        return routed({g: _load_scorer(d, None) for g, d in rm_dir.items()}, group_of)
+    rm, tokenizer, info = winrate.load_reward_model(rm_dir)
+    return J.reward_model_scorer(rm, tokenizer, options=rm_budgets(info))
+
+
+def routed(scorers: dict[str, Callable], group_of: dict[str, str]) -> Callable:
+    """One scorer from one per group: each prompt's response is scored by its group's (`group_of[prompt]`)."""
+
+    def score(prompts, responses):
+        missing = sorted({p for p in prompts if group_of.get(p) not in scorers}, key=str)
+        if missing:
+            raise KeyError(f"routed scorer: {len(missing)} prompt(s) have no group with a reward model "
+                           f"({', '.join(scorers)}), e.g. {missing[0][-80:]!r}")
+        groups = np.array([group_of[p] for p in prompts])
+        out = np.zeros(len(prompts), np.float64)
+        for g, scorer in scorers.items():
+            idx = np.flatnonzero(groups == g)
+            if len(idx):
+                out[idx] = scorer([prompts[i] for i in idx], [responses[i] for i in idx])
+        return out
+
+    return score
+
+
+def prompt_groups(pairs: D.Loaded) -> dict[str, str]:
+    """Each prompt's group; an error if one prompt sits in two groups (it could not be routed)."""
+    group_of = {}
+    for e in pairs.examples:
+        if group_of.setdefault(e.prompt, e.group) != e.group:
+            raise ValueError(f"{pairs.source}: the prompt {e.prompt[-80:]!r} is in groups {group_of[e.prompt]!r} "
+                             f"and {e.group!r}; a reward model by group cannot score it")
+    return group_of
 
 
 def rm_budgets(info: dict) -> D.TokenizeOptions:

@@ -39,7 +39,7 @@ from pe_rlhf.eval import frontier as F
 from pe_rlhf.eval import judge as J
 from pe_rlhf.eval import winrate
 from pe_rlhf.eval.experiment import (EvalConfig, Scorers, format_ci, margin_agreement, pair_margins,
-                                     sequence_logprobs, step_rate)
+                                     prompt_groups, sequence_logprobs, step_rate)
 from pe_rlhf.eval.refusal import refusal_flags
 from pe_rlhf.train.config import LoopConfig, TuningConfig
 from pe_rlhf.train.loop import rss_peak_bytes
@@ -155,10 +155,8 @@ def line_dir(arm: str, lr: float, seed: int) -> str:
 
 
 def held_out_prompts(held_out: D.Loaded) -> tuple[list[str], list[str]]:
-    """The distinct held-out prompts and each one's group (that of its first pair)."""
-    group_of = {}
-    for e in held_out.examples:
-        group_of.setdefault(e.prompt, e.group)
+    """The distinct held-out prompts and each one's group."""
+    group_of = prompt_groups(held_out)
     return list(group_of), list(group_of.values())
 
 
@@ -173,15 +171,18 @@ def rm_agreement_by_group(scorers: Scorers, held_out: D.Loaded, z: float) -> dic
     return out
 
 
-def lora_vs_full(*, workdir: str, model: str, held_out: D.Loaded, sft_job: Callable, proxy_job: Callable,
-                 judge_job: Callable, rl_job: Callable, arms: dict[str, TuningConfig],
+def lora_vs_full(*, workdir: str, model: str, held_out: D.Loaded, sft_job: Callable,
+                 proxy_job: Callable | dict[str, Callable], judge_job: Callable | dict[str, Callable], rl_job: Callable, arms: dict[str, TuningConfig],
                  learning_rates: dict[str, Sequence[float]], optimizer: OptimizerConfig, loop: LoopConfig,
                  lr_from: dict[str, str] | None = None, reference_arm: str = "full",
                  eval_steps: Sequence[int] = (20, 40), seeds: Sequence[int] = (0, 1, 2),
                  evaluation: EvalConfig = EvalConfig(kl_samples=2), select_kl: float = 3.0,
                  kl_targets: Sequence[float] = (1.0, 3.0), margin: float = 0.1,
                  phases: Sequence[str] = PHASES) -> dict:
-    """Run (or resume) the sweep up to the last of `phases` and write `summary.json` (`collect`)."""
+    """Run (or resume) the sweep up to the last of `phases` and write `summary.json` (`collect`).
+
+    `proxy_job` and `judge_job` each train one reward model for every prompt, or are {group: job}: one reward
+    model per group (helpful, harmless), each prompt scored by its group's."""
     lr_from = dict(lr_from or {})
     _check_sweep(arms, learning_rates, lr_from, reference_arm, eval_steps, seeds, phases, evaluation)
     os.makedirs(workdir, exist_ok=True)
@@ -192,11 +193,12 @@ def lora_vs_full(*, workdir: str, model: str, held_out: D.Loaded, sft_job: Calla
     run_stage("sft", d("sft"), sft_job, outputs=("summary.json", "export/config.json", "export/model.safetensors"),
               model=model)
     base = d("sft", "export")
-    run_stage("proxy_rm", d("proxy_rm"), proxy_job, model=base)
-    run_stage("judge_rm", d("judge_rm"), judge_job, model=model)
+    proxy_dir = _reward_models("proxy", proxy_job, d, model=base)
+    judge_dir = _reward_models("judge", judge_job, d, model=model)
+    group_of = prompt_groups(held_out)
 
     def scorers():
-        return Scorers.load(d("proxy_rm"), d("judge_rm"))
+        return Scorers.load(proxy_dir, judge_dir, group_of=group_of)
 
     def agreement_job(workdir):
         summary = rm_agreement_by_group(scorers(), held_out, evaluation.z)
@@ -215,11 +217,16 @@ def lora_vs_full(*, workdir: str, model: str, held_out: D.Loaded, sft_job: Calla
 
     # THE LINES: each trained to every evaluation step in turn, evaluated there
     def run_line(arm: str, lr: float, seed: int):
+        if isinstance(proxy_dir, dict):
+            raise NotImplementedError(
+                f"{workdir}: the proxy is one reward model per group ({', '.join(proxy_dir)}), and RL cannot yet "
+                "score a prompt by its group's reward model; the yardstick stages are done (rm_agreement/, "
+                "eval/sft/). Give lora_vs_full.proxy_job one reward model to train RL lines.")
         rel = line_dir(arm, lr, seed)
         for steps in eval_steps:
             gc.collect()
             run_stage(f"rl/{rel} to step {steps}", d("rl", rel), rl_job, marker=f"DONE.step{steps}",
-                      model=base, reward_model=d("proxy_rm"), tuning=arms[arm],
+                      model=base, reward_model=proxy_dir, tuning=arms[arm],
                       optimizer=dataclasses.replace(optimizer, learning_rate=lr),
                       loop=dataclasses.replace(loop, num_steps=steps, seed=seed))
 
@@ -259,6 +266,20 @@ def lora_vs_full(*, workdir: str, model: str, held_out: D.Loaded, sft_job: Calla
     write_json_atomic(d("summary.json"), result)
     print(markdown(result))
     return result
+
+
+def _reward_models(role: str, job, d, *, model: str) -> str | dict[str, str]:
+    """Train (or find finished) the proxy or judge reward model: one (`<role>_rm/`), or one per group when
+    `job` is {group: job} (`rm_<role>_<group>/`). Returns its workdir, or {group: workdir}."""
+    if not isinstance(job, dict):
+        run_stage(f"{role}_rm", d(f"{role}_rm"), job, model=model)
+        return d(f"{role}_rm")
+    unknown = [g for g in job if g not in GROUPS]
+    if unknown:
+        raise KeyError(f"lora_vs_full.{role}_job: groups {unknown} are not among the held-out groups {GROUPS}")
+    for g, group_job in job.items():
+        run_stage(f"rm_{role}_{g}", d(f"rm_{role}_{g}"), group_job, model=model)
+    return {g: d(f"rm_{role}_{g}") for g in job}
 
 
 def _check_sweep(arms, learning_rates, lr_from, reference_arm, eval_steps, seeds, phases, evaluation):
