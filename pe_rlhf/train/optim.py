@@ -108,5 +108,15 @@ def guarded_update(tx: optax.GradientTransformation, grads, opt_state, params, l
 
 
 def nonfinite_updates(opt_state) -> tuple[int, int]:
-    """(skipped in a row now, skipped in all) by `guard_nonfinite`."""
-    return int(opt_state.notfinite_count), int(opt_state.total_notfinite)
+    """(skipped in a row now, skipped in all) by `guard_nonfinite`, read on the host (it waits for the device)."""
+    in_a_row, total = jax.device_get((opt_state.notfinite_count, opt_state.total_notfinite))
+    return int(in_a_row), int(total)
+
+
+def nonfinite_counts(opt_state) -> jax.Array:
+    """`nonfinite_updates` as a new device array [in a row, in all], without waiting for the device.
+
+    A copy: the training loop keeps one per step and reads them at its log steps, after the next steps
+    have taken (donated) the state they came from.
+    """
+    return jnp.stack([opt_state.notfinite_count, opt_state.total_notfinite])
