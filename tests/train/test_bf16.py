@@ -175,7 +175,8 @@ def test_lora_bf16_keeps_fp32_adapters_grads_and_moments_and_is_unchanged():
     results = []
     for p in (Precision(), precision):  # the LoRA path with and without the precision step: bitwise equal
         graphdef, trainable, frozen = _split_rm(BF16, LORA4)
-        step, tr, opt, fr = _stepper(graphdef, trainable, frozen, batch, OptimizerConfig(learning_rate=1e-3), p)
+        optimizer = OptimizerConfig(learning_rate=1e-3, total_steps=1000)
+        step, tr, opt, fr = _stepper(graphdef, trainable, frozen, batch, optimizer, p)
         tr, opt, metrics = step(tr, opt, fr, batch)
         assert _dtypes(tr) == {F32} and _dtypes(opt) == {F32}  # adapters, head, Adam mu and nu
         results.append((_flat(tr), _flat(opt), float(metrics["loss"])))
