@@ -79,6 +79,15 @@ def test_ppo_loop_trains_a_value_adapter(tmp_path):
     rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
     train_rows = [r for r in rows if "train/loss" in r]
     assert len(train_rows) == 2 and all(np.isfinite(r["train/value_loss"]) for r in train_rows)
+    # the value adapter's B matrices start at zero (LoRA): the checkpointed ones have moved
+    from pe_rlhf.checkpoints.orbax_io import RunCheckpointer
+
+    c = RunCheckpointer(os.path.join(tmp_path, "checkpoints"))
+    trainable = c.manager.restore(c.latest_step())["state"]["trainable"]
+    c.close()
+    paths = {jax.tree_util.keystr(p): np.asarray(x) for p, x in jax.tree_util.tree_leaves_with_path(trainable)}
+    value_b = [x for p, x in paths.items() if "['lora']['value']['b']" in p]
+    assert value_b and all(np.any(x != 0) for x in value_b), sorted(p for p in paths if "['layers']['0']" in p)
 
 
 def test_reward_model_with_another_tokenizer_is_a_clear_error(tmp_path):
