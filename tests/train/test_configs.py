@@ -168,6 +168,7 @@ def test_real_reward_model_configs(registered, dataset):
     assert same(lora_path) == same(full_path)
 
 
+@pytest.mark.slow
 def test_tiny_sft_runs_end_to_end_and_exports(registered, tmp_path):
     from flax import nnx
 

@@ -92,6 +92,7 @@ needs_libtpu = pytest.mark.skipif(
     reason=f'libtpu is not installed; AOT TPU compilation needs: pip install "jax[tpu]=={jax.__version__}"')
 
 
+@pytest.mark.slow
 @needs_libtpu
 def test_fused_sft_step_compiles_for_tpu_with_the_mosaic_kernel():
     """tokamax's Mosaic cross-entropy in an SFT step AOT-compiled for v5e:2x2 (rows split over the 4 chips,

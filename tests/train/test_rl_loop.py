@@ -52,6 +52,7 @@ def _checkpoint_leaves(workdir):
     return [np.asarray(x) for x in jax.tree.leaves(restored["state"])], restored["meta"]
 
 
+@pytest.mark.slow
 def test_remax_loop_resumes_exactly(tmp_path):
     straight = run_policy(tmp_path / "straight", 4)
     assert straight["step"] == 4 and straight["eval_prompts"] == 8
@@ -73,6 +74,7 @@ def test_remax_loop_resumes_exactly(tmp_path):
     assert [e.prompt for e in held_out] == [s["prompt"] for s in samples]
 
 
+@pytest.mark.slow
 def test_ppo_loop_trains_a_value_adapter(tmp_path):
     summary = run_policy(tmp_path, 2, algorithm="ppo")
     assert summary["step"] == 2 and summary["algorithm"] == "ppo"
@@ -123,6 +125,7 @@ def test_a_training_fraction_is_refused_before_anything_is_written(tmp_path):
     assert not (tmp_path / "rl").exists()
 
 
+@pytest.mark.slow
 def test_quickstart_pipeline_smoke(tmp_path):
     """The README's first command, shortened: every stage runs and the table's numbers are sane."""
     short = ["sft/LoopConfig.num_steps=120", "rm/LoopConfig.num_steps=60", "rl/LoopConfig.num_steps=4",
