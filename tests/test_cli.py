@@ -74,6 +74,7 @@ def rl_dir(tmp_path_factory):
 
 
 # -- generate and chat ------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_generate_from_an_rl_workdir_streams_the_greedy_tokens_of_sample(rl_dir, capsys):
     tokens = cli.main(["generate", "--model", rl_dir, "--prompt", PROMPT, "--max_new_tokens", "12"])
     model, tokenizer, _ = W.load_policy(rl_dir)
@@ -83,6 +84,7 @@ def test_generate_from_an_rl_workdir_streams_the_greedy_tokens_of_sample(rl_dir,
     assert capsys.readouterr().out == PROMPT + tokenizer.decode(tokens, skip_special_tokens=True) + "\n"
 
 
+@pytest.mark.slow
 def test_generate_script_takes_a_run_workdir(rl_dir):
     r = subprocess.run([sys.executable, os.path.join(REPO, "experiments", "generate.py"), "--model", rl_dir,
                         "--prompt", PROMPT, "--max_new_tokens", "4"], env=ENV, capture_output=True, text=True,
@@ -115,6 +117,7 @@ def test_a_sampling_argument_out_of_range_is_an_argparse_error_naming_the_flag(c
     assert (args.top_p, args.top_k, args.temperature, args.max_new_tokens) == (1.0, 1, 0.0, 1)  # the bounds are in
 
 
+@pytest.mark.slow
 def test_chat_uses_the_hh_format_without_a_template_and_keeps_the_conversation(rl_dir, monkeypatch, capsys):
     monkeypatch.setattr(sys, "stdin", io.StringIO("how do I bake a cake?\nand a car?\n/exit\n"))
     history = cli.main(["chat", "--model", rl_dir, "--max_new_tokens", "6"])
@@ -194,6 +197,7 @@ def _scorer(rm_dir):
     return J.reward_model_scorer(rm, tokenizer)
 
 
+@pytest.mark.slow
 def test_score_pairs_prints_the_pairwise_accuracy_of_the_reward_model(rm_dir, tmp_path, capsys):
     pairs = _pairs(12, seed=5)
     path = _write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": e.prompt, "chosen": e.chosen, "rejected": e.rejected}
@@ -211,6 +215,7 @@ def test_score_pairs_prints_the_pairwise_accuracy_of_the_reward_model(rm_dir, tm
     np.testing.assert_allclose([r["margin"] for r in rows], chosen - rejected, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_score_labelled_rows_and_plain_responses(rm_dir, tmp_path, capsys):
     rows = [{"prompt": "Q: say it", "response": r, "label": float(r.endswith("!"))}
             for e in _pairs(6, seed=7) for r in (e.chosen, e.rejected)]
@@ -231,6 +236,7 @@ def test_score_labelled_rows_and_plain_responses(rm_dir, tmp_path, capsys):
     assert float(capsys.readouterr().out) == pytest.approx(scores[0], abs=1e-4)
 
 
+@pytest.mark.slow
 def test_score_rejects_a_file_of_another_shape(rm_dir, tmp_path):
     path = _write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": "hi"}])
     with pytest.raises(D.DataError, match=r"prompts.jsonl:1: fields \['prompt'\]; expected pairs"):
@@ -258,6 +264,7 @@ def _load_hf(directory):
     return AutoModelForCausalLM.from_pretrained(directory, attn_implementation="eager").eval()
 
 
+@pytest.mark.slow
 def test_export_an_rl_run_merged_and_as_peft(rl_dir, tmp_path):
     from peft import PeftModel
     from transformers import AutoTokenizer
@@ -299,6 +306,7 @@ def test_export_into_a_directory_that_is_not_empty_needs_overwrite(tmp_path, cap
         cli.main(["export", "--run", "tiny", "--out", str(tmp_path / "file")])
 
 
+@pytest.mark.slow
 def test_export_an_sft_run_restores_what_its_own_export_holds(tmp_path):
     from peft import PeftModel
 
@@ -316,6 +324,7 @@ def test_export_an_sft_run_restores_what_its_own_export_holds(tmp_path):
     np.testing.assert_allclose(_theirs(peft_model), ours, atol=1e-4, rtol=0)
 
 
+@pytest.mark.slow
 def test_export_a_reward_model_head_that_reproduces_its_scores(rm_dir, tmp_path):
     import torch
     from safetensors.numpy import load_file

@@ -35,9 +35,13 @@ def test_a_number_is_finite_and_not_a_bool(value, ok):
     assert C.number(gt=0).ok(value) is ok
 
 
-def test_defaults_are_valid():
+def test_defaults_pass_the_checks_that_refuse_a_wrong_value_in_any_field():
+    wrong = object()  # no check accepts it
     for cls in (TuningConfig, LoopConfig, DataConfig, OptimizerConfig, RLConfig, LoRAConfig, MeshConfig):
-        cls()
+        default = cls()
+        for field in dataclasses.fields(cls):
+            with pytest.raises(ValueError, match=rf"^{cls.__name__}\.{field.name}=<object object at "):
+                dataclasses.replace(default, **{field.name: wrong})
 
 
 @pytest.mark.parametrize("build, message", [

@@ -241,7 +241,7 @@ def _supervised_spec(name: str, build: Callable, filter_, optimizer: OptimizerCo
     """The `supervised_steps.train_step` of the model `build()` makes (from shapes), `filter_` training."""
     graphdef, trainable, frozen = nnx.split(nnx.eval_shape(build), filter_, ...)
     trainable, precision = master_weights(trainable)
-    tx = make_optimizer(optimizer)
+    tx = make_optimizer(optimizer, num_steps=1)  # from shapes: a schedule's length changes no shape
     opt_state = jax.eval_shape(tx.init, trainable)
 
     def step(trainable, opt_state, frozen, batch):
@@ -288,7 +288,7 @@ def build_rl_step(cfg: ModelConfig, tuning: TuningConfig = TuningConfig(), *, al
     modules = nnx.eval_shape(build_pe if tuning.mode == "lora" else build_full)
     graphdef, trainable, frozen = nnx.split(modules, rl_trainable_filter(tuning, rl_cfg, "policy"), ...)
     trainable, precision = master_weights(trainable)
-    tx = make_optimizer(optimizer)
+    tx = make_optimizer(optimizer, num_steps=1)  # from shapes: a schedule's length changes no shape
     opt_state = jax.eval_shape(tx.init, trainable)
     prompt = jax.ShapeDtypeStruct((prompts, prompt_len), jnp.int32)
     batch = {"prompt_BxT": prompt, "prompt_mask_BxT": prompt}

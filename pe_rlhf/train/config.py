@@ -48,7 +48,8 @@ class LoopConfig:
     seed: int = 0
     progress_bar: bool = True
     mesh: MeshConfig | None = None  # None: one device; e.g. MeshConfig(data=-1): data parallel over all
-    # updates with non-finite gradients are skipped and counted; this many in a row stop the run
+    # updates with a non-finite loss or gradient are skipped and counted; this many in a row stop the run,
+    # and so do more than half of all updates skipped, once this many were or at the last step (`train.loop`)
     max_nonfinite_updates: int = 10
 
     def __post_init__(self):

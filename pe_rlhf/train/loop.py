@@ -6,9 +6,17 @@
 
 A stage supplies a `Job`: its state (a pytree of what trains and what it carries, saved whole), its
 jit-compiled step over that state, its batches and its evaluation. The loop skips nothing on its own:
-a step whose loss or gradient was not finite is skipped by the optimizer (`optim.guarded_update`), counted
-here, and after `LoopConfig.max_nonfinite_updates` in a row the run stops with `NonFiniteError`, leaving
-its last good checkpoint in place. A final evaluation that is not finite stops it too, without a summary.
+a step whose loss or gradient was not finite is skipped by the optimizer (`optim.guarded_update`) and
+counted in its state. The run stops with `NonFiniteError` after `LoopConfig.max_nonfinite_updates` skipped
+in a row, or when more than half of its updates were skipped (judged once that many were skipped in all,
+and at the last step whatever the count): a model that diverged can still have steps whose update is
+finite (a saturated batch: loss 0, gradient 0), which reset the count in a row. A final evaluation that
+is not finite stops it too, without a summary.
+
+The loop does not wait on the device each step: it keeps each step's counts on the device and reads
+them where it reads from the device anyway (log, evaluation and checkpoint steps), checking them step
+by step before anything is written, so a stop names the step it happened at and no checkpoint is saved
+past it. Both rules read only what the checkpoint holds, so a resumed run stops where it would have.
 """
 
 from __future__ import annotations
@@ -26,14 +34,15 @@ import jax
 from pe_rlhf.checkpoints.orbax_io import RunCheckpointer
 from pe_rlhf.data import BatchIterator
 from pe_rlhf.train.config import LoopConfig
-from pe_rlhf.train.optim import nonfinite_updates
+from pe_rlhf.train.optim import nonfinite_counts, nonfinite_updates
 from pe_rlhf.train.records import check_identity, write_run_info
 from pe_rlhf.train.workdir_lock import workdir_lock
 from pe_rlhf.train.writer import MetricsWriter
 
 
 class NonFiniteError(FloatingPointError):
-    """Too many updates in a row had a non-finite loss or gradient, or the final evaluation is not finite."""
+    """Too many updates (in a row, or in all) had a non-finite loss or gradient, or the final evaluation is
+    not finite."""
 
 
 @dataclasses.dataclass
@@ -100,6 +109,7 @@ def _train(workdir: str, loop: LoopConfig, job: Job) -> tuple[dict, dict]:
         if job.on_start is not None:
             job.on_start(state, start)
         state = _steps(workdir, loop, job, ckpt, writer, state, start)
+        _check_updates(workdir, loop, loop.num_steps, [nonfinite_updates(state["opt_state"])])  # resumed at the end
         ckpt.close()
     except BaseException:
         ckpt.close()
@@ -122,6 +132,28 @@ def _train(workdir: str, loop: LoopConfig, job: Job) -> tuple[dict, dict]:
     return state, summary
 
 
+def _check_updates(workdir: str, loop: LoopConfig, first_step: int, counts) -> int:
+    """Stop at the first of the steps from `first_step` (one row of `counts`, [skipped in a row, in all],
+    each) that had `loop.max_nonfinite_updates` skipped in a row, or more than half of its updates skipped
+    (once that many were skipped in all, or at the last step). Returns the skipped in all at the last."""
+    total = 0
+    for step, (in_a_row, total) in enumerate(counts, first_step):
+        in_a_row, total = int(in_a_row), int(total)
+        if in_a_row >= loop.max_nonfinite_updates:
+            raise NonFiniteError(
+                f"{workdir}: {in_a_row} updates in a row (through step {step}) had a non-finite loss or gradient "
+                f"and were skipped ({total} in all); stopping "
+                f"(LoopConfig.max_nonfinite_updates={loop.max_nonfinite_updates}). The last checkpoint holds the "
+                "last finite state: lower OptimizerConfig.learning_rate or check the data and rewards, then rerun")
+        if 2 * total > step and (total >= loop.max_nonfinite_updates or step == loop.num_steps):
+            raise NonFiniteError(
+                f"{workdir}: {total} of the {step} updates through step {step} had a non-finite loss or gradient "
+                "and were skipped, more than half: the model diverged (its finite updates are no sign of "
+                "training); stopping. Lower OptimizerConfig.learning_rate or check the data and rewards, then "
+                "rerun in a new workdir")
+    return total
+
+
 def nonfinite_metrics(summary: dict) -> list[str]:
     """The keys of `summary` whose value is a NaN or infinite number (an undefined metric is None instead)."""
     return [k for k, v in summary.items()
@@ -141,18 +173,20 @@ def _steps(workdir, loop: LoopConfig, job: Job, ckpt: RunCheckpointer, writer: M
         ckpt.save(step, state, {"data": job.batches.state(), "step": step}, force=force)
 
     t_last, examples = time.perf_counter(), 0
+    counts = []  # each step's [skipped in a row, in all] since the last check, still on the device
     for step in range(start + 1, loop.num_steps + 1):
         batch = next(job.batches)
         state, metrics = job.step(state, batch)
         examples += job.examples(batch)
-        in_a_row, total = nonfinite_updates(state["opt_state"])
-        if in_a_row >= loop.max_nonfinite_updates:
-            raise NonFiniteError(
-                f"{workdir}: {in_a_row} updates in a row (through step {step}) had a non-finite loss or gradient "
-                f"and were skipped ({total} in all); stopping "
-                f"(LoopConfig.max_nonfinite_updates={loop.max_nonfinite_updates}). The last checkpoint holds the "
-                "last finite state: lower OptimizerConfig.learning_rate or check the data and rewards, then rerun")
-        if step % loop.log_every == 0 or step == loop.num_steps:
+        counts.append(nonfinite_counts(state["opt_state"]))
+        log = step % loop.log_every == 0 or step == loop.num_steps
+        evaluate = loop.eval_every and step % loop.eval_every == 0 and step != loop.num_steps
+        # Checked where the loop waits on the device anyway, before it logs, evaluates or saves (a fresh
+        # run's first step is saved too).
+        if log or evaluate or step % loop.checkpoint_every == 0 or step == start + 1:
+            total = _check_updates(workdir, loop, step - len(counts) + 1, jax.device_get(counts))
+            counts = []
+        if log:
             metrics = jax.device_get(metrics)
             now = time.perf_counter()
             metrics["examples_per_s"] = examples / (now - t_last)
@@ -162,7 +196,7 @@ def _steps(workdir, loop: LoopConfig, job: Job, ckpt: RunCheckpointer, writer: M
             if bar is not None:
                 bar.set_postfix({k.split("/")[1]: f"{v:.4g}" for k, v in scalars.items()
                                  if k.split("/")[1] in job.progress_keys})
-        if loop.eval_every and step % loop.eval_every == 0 and step != loop.num_steps:
+        if evaluate:
             writer.write(step, job.evaluate(state, step), prefix="eval")
         save(step)
         if bar is not None:

@@ -13,12 +13,13 @@ from pe_rlhf.config_checks import check_fields, choice, integer, number, optiona
 
 @dataclasses.dataclass(frozen=True)
 class OptimizerConfig:
-    """AdamW options. Defaults follow common LoRA practice (lr 1e-4, no decay on a fresh adapter)."""
+    """AdamW options. Defaults follow common LoRA practice (lr 1e-4, no decay on a fresh adapter); the
+    schedule decays over the run's `LoopConfig.num_steps` unless `total_steps` says otherwise."""
 
     learning_rate: float = 1e-4
     schedule: str = "cosine"  # cosine | linear | constant
     warmup_steps: int = 0
-    total_steps: int = 1000
+    total_steps: int | None = None  # the schedule's length in updates; None: the run's LoopConfig.num_steps
     end_lr_fraction: float = 0.0
     weight_decay: float = 0.0
     max_grad_norm: float | None = 1.0
@@ -32,21 +33,28 @@ class OptimizerConfig:
 
     def __post_init__(self):
         check_fields(self, learning_rate=number(gt=0), schedule=choice("cosine", "linear", "constant"),
-                     warmup_steps=integer(ge=0), total_steps=integer(ge=1), end_lr_fraction=number(ge=0, le=1),
-                     weight_decay=number(ge=0), max_grad_norm=optional(number(gt=0)), b1=number(ge=0, lt=1),
-                     b2=number(ge=0, lt=1), eps=number(ge=0), grad_accum_steps=integer(ge=1),
+                     warmup_steps=integer(ge=0), total_steps=optional(integer(ge=1)),
+                     end_lr_fraction=number(ge=0, le=1), weight_decay=number(ge=0),
+                     max_grad_norm=optional(number(gt=0)), b1=number(ge=0, lt=1), b2=number(ge=0, lt=1),
+                     eps=number(ge=0), grad_accum_steps=integer(ge=1),
                      head_learning_rate=optional(number(gt=0)))
 
 
-def learning_rate_schedule(cfg: OptimizerConfig) -> optax.Schedule:
-    decay_steps = max(cfg.total_steps - cfg.warmup_steps, 1)
-    end = cfg.learning_rate * cfg.end_lr_fraction
-    if cfg.schedule == "cosine":
-        decay = optax.cosine_decay_schedule(cfg.learning_rate, decay_steps, alpha=cfg.end_lr_fraction)
-    elif cfg.schedule == "linear":
-        decay = optax.linear_schedule(cfg.learning_rate, end, decay_steps)
-    else:
+def learning_rate_schedule(cfg: OptimizerConfig, num_steps: int | None = None) -> optax.Schedule:
+    """Warm-up, then decay over `cfg.total_steps` updates, or over `num_steps` (the run's) when that is None."""
+    if cfg.schedule == "constant":  # no length
         decay = optax.constant_schedule(cfg.learning_rate)
+    else:
+        total_steps = cfg.total_steps if cfg.total_steps is not None else num_steps
+        if total_steps is None:
+            raise ValueError(f"OptimizerConfig(schedule={cfg.schedule!r}, total_steps=None): the schedule decays over "
+                             "the run, but make_optimizer was not told its length; pass num_steps (the run's "
+                             "LoopConfig.num_steps) or set OptimizerConfig.total_steps")
+        decay_steps = max(total_steps - cfg.warmup_steps, 1)
+        if cfg.schedule == "cosine":
+            decay = optax.cosine_decay_schedule(cfg.learning_rate, decay_steps, alpha=cfg.end_lr_fraction)
+        else:
+            decay = optax.linear_schedule(cfg.learning_rate, cfg.learning_rate * cfg.end_lr_fraction, decay_steps)
     if cfg.warmup_steps <= 0:
         return decay
     warmup = optax.linear_schedule(0.0, cfg.learning_rate, cfg.warmup_steps)
@@ -62,16 +70,17 @@ def head_labels(params):
     return jax.tree_util.tree_map_with_path(lambda path, _: "head" if _is_head(path) else "body", params)
 
 
-def make_optimizer(cfg: OptimizerConfig) -> optax.GradientTransformation:
+def make_optimizer(cfg: OptimizerConfig, num_steps: int | None = None) -> optax.GradientTransformation:
     """Clip, then AdamW on the schedule; wrapped in MultiSteps when accumulating gradients.
 
-    The schedule counts optimizer updates (not micro-batches). With `head_learning_rate`, the
-    reward head gets its own AdamW at that peak rate (clipping stays global).
+    The schedule counts optimizer updates (not micro-batches) and decays over `cfg.total_steps`, or
+    when that is None over `num_steps`, the run's `LoopConfig.num_steps` (the stages pass it). With
+    `head_learning_rate`, the reward head gets its own AdamW at that peak rate (clipping stays global).
     """
     parts = []
     if cfg.max_grad_norm is not None:
         parts.append(optax.clip_by_global_norm(cfg.max_grad_norm))
-    adamw = lambda c: optax.adamw(learning_rate_schedule(c), b1=c.b1, b2=c.b2, eps=c.eps,
+    adamw = lambda c: optax.adamw(learning_rate_schedule(c, num_steps), b1=c.b1, b2=c.b2, eps=c.eps,
                                   weight_decay=c.weight_decay)
     if cfg.head_learning_rate is None:
         parts.append(adamw(cfg))
@@ -108,5 +117,15 @@ def guarded_update(tx: optax.GradientTransformation, grads, opt_state, params, l
 
 
 def nonfinite_updates(opt_state) -> tuple[int, int]:
-    """(skipped in a row now, skipped in all) by `guard_nonfinite`."""
-    return int(opt_state.notfinite_count), int(opt_state.total_notfinite)
+    """(skipped in a row now, skipped in all) by `guard_nonfinite`, read on the host (it waits for the device)."""
+    in_a_row, total = jax.device_get((opt_state.notfinite_count, opt_state.total_notfinite))
+    return int(in_a_row), int(total)
+
+
+def nonfinite_counts(opt_state) -> jax.Array:
+    """`nonfinite_updates` as a new device array [in a row, in all], without waiting for the device.
+
+    A copy: the training loop keeps one per step and reads them at its log steps, after the next steps
+    have taken (donated) the state they came from.
+    """
+    return jnp.stack([opt_state.notfinite_count, opt_state.total_notfinite])

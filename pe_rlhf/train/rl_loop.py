@@ -220,7 +220,7 @@ def train_policy(*, workdir: str, prompts: D.Loaded, model: str = "tiny", dtype:
     if precision.mixed:
         nnx.update(modules, trainable)  # the modules hold the masters, not a second (bf16) copy
         print(f"mixed precision: {precision.describe(trainable)}")
-    tx = guard_nonfinite(make_optimizer(optimizer))
+    tx = guard_nonfinite(make_optimizer(optimizer, loop.num_steps))
     rl_state = {"baseline": jnp.zeros((), jnp.float32)}
     fresh = train_iter.state()
     example = next(train_iter)  # one batch's shapes; the iterator is rewound below

@@ -102,7 +102,7 @@ def fit(module: nnx.Module, *, filter_, loss_fn: Callable, train_iter: D.BatchIt
     if precision.mixed:
         nnx.update(module, trainable)  # the module holds the masters, not a second (bf16) copy
         print(f"mixed precision: {precision.describe(trainable)}")
-    tx = guard_nonfinite(make_optimizer(optimizer))
+    tx = guard_nonfinite(make_optimizer(optimizer, loop.num_steps))
     fresh = train_iter.state()
     example = next(train_iter)  # one batch's shapes; the iterator is rewound below
     train_iter.restore(fresh)

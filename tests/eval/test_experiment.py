@@ -110,6 +110,7 @@ def _jobs():
         evaluation=E.EvalConfig(max_prompt_len=40, max_new_tokens=8, batch_size=4, kl_samples=1))
 
 
+@pytest.mark.slow
 def test_experiment_runs_resumes_and_repairs_a_half_written_stage(tmp_path):
     workdir = str(tmp_path / "exp")
     result = E.rlhf_experiment(workdir=workdir, **_jobs())
@@ -161,6 +162,7 @@ def test_experiment_runs_resumes_and_repairs_a_half_written_stage(tmp_path):
         "responses": 3, "distinct": 2, "top_opening": "I'm sorry,", "top_opening_share": 2 / 3}
 
 
+@pytest.mark.slow
 def test_lines_against_the_proxy_ensemble_and_warm(tmp_path):
     from pe_rlhf.models.heads import EnsembleRule
     from pe_rlhf.train.ensemble import train_reward_ensemble

@@ -25,6 +25,7 @@ def test_config_rejects_a_policy_without_its_proxy():
         GoldBenchmarkConfig(rm_tunings=("lora",), policy_tunings=("full",))
 
 
+@pytest.mark.slow
 def test_lora_proxy_agrees_with_gold_within_3_points_of_full(gold_run):
     _, result = gold_run
     rms = {r["proxy_rm"]: r for r in result["reward_models"]}
@@ -36,6 +37,7 @@ def test_lora_proxy_agrees_with_gold_within_3_points_of_full(gold_run):
     assert rms["lora"]["trainable_params"] < 0.15 * rms["full"]["trainable_params"]
 
 
+@pytest.mark.slow
 def test_lora_remax_raises_the_gold_reward_over_sft(gold_run):
     workdir, result = gold_run
     rows = {(r["policy"], r["algorithm"], r["proxy_rm"]): r for r in result["policies"]}

@@ -72,6 +72,7 @@ def test_sweep_refuses_a_wrong_plan_before_writing(tmp_path):
     assert not os.path.exists(workdir)
 
 
+@pytest.mark.slow
 def test_sweep_runs_in_phases_and_resumes(tmp_path):
     workdir = str(tmp_path / "w")
     d = functools.partial(os.path.join, workdir)

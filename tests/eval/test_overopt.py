@@ -69,6 +69,7 @@ def test_config_names_a_bad_line():
         OveroptConfig(lines=("single", "best"))
 
 
+@pytest.mark.slow
 def test_the_study_end_to_end_on_the_tiny_model(tmp_path):
     from pe_rlhf.eval.overopt import run_overoptimisation
 

@@ -98,6 +98,7 @@ def test_gold_none_leaves_the_gold_panel_out(handmade, tmp_path):
     assert "gold reward" not in data["runs"]["rl"]["curves"]
 
 
+@pytest.mark.slow
 def test_report_on_the_benchmark_workdir(gold_run, tmp_path):
     workdir, result = gold_run
     report = _report_module()

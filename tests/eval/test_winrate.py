@@ -15,6 +15,8 @@ from pe_rlhf.eval import judge as J
 from pe_rlhf.eval import winrate as W
 from pe_rlhf.models.lora import LoRAConfig
 
+pytestmark = pytest.mark.slow  # every test reads the gold benchmark's run (a session fixture that trains it)
+
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # The RL runs' adapter options (GoldBenchmarkConfig's), for run_info.json files that do not record them.
 LORA = LoRAConfig(rank=8, alpha=16.0)

@@ -201,7 +201,7 @@ def test_adapters_alone_get_gradients_and_optimizer_state():
     grads = jax.grad(loss)(trainable)
     b_grads = [g for p, g in nnx.to_flat_state(grads) if p[-1] == "b"]
     assert len(b_grads) == 2 * 7 and all(float(jnp.abs(g.get_value()).max()) > 0 for g in b_grads)
-    opt_state = make_optimizer(OptimizerConfig()).init(trainable)
+    opt_state = make_optimizer(OptimizerConfig(), num_steps=100).init(trainable)
     n_adapter = sum(x.size for x in jax.tree.leaves(trainable))
     floats = [x for x in jax.tree.leaves(opt_state) if x.ndim]
     assert sum(x.size for x in floats) == 2 * n_adapter  # Adam's two moments, of the adapters only
@@ -249,6 +249,7 @@ def qlora_rm(tmp_path_factory):
     return workdir, summary
 
 
+@pytest.mark.slow
 def test_reward_model_trains_and_its_merged_export_scores_alike(qlora_rm, tmp_path):
     """The adapter merged into dense fp32 kernels (dequantised W + update) scores as the quantised model with
     the adapter, to fp32 rounding (1e-4): both run the same dequantised W."""
@@ -289,6 +290,7 @@ def test_reward_model_trains_and_its_merged_export_scores_alike(qlora_rm, tmp_pa
                                   backbone.layers[1].mlp.up_proj.kernel.get_value())
 
 
+@pytest.mark.slow
 def test_policy_trains_on_one_quantised_backbone_with_its_reward_model(qlora_rm, tmp_path, capsys):
     from pe_rlhf.data import toy
     from pe_rlhf.train.policy import RLConfig

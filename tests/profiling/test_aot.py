@@ -17,6 +17,8 @@ from pe_rlhf.profiling.measure import compile_step
 from pe_rlhf.profiling.step_builders import build_rm_step
 from pe_rlhf.sharding import MeshConfig, batch_shardings, make_mesh, state_shardings
 
+pytestmark = pytest.mark.slow  # every test compiles ahead of time for a TPU topology
+
 GIB = 1 << 30
 F32 = 4
 needs_libtpu = pytest.mark.skipif(

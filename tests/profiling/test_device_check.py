@@ -31,6 +31,7 @@ def smoke(tmp_path_factory):
         return json.load(f), proc.stdout
 
 
+@pytest.mark.slow
 def test_smoke_records_every_step(smoke):
     result, stdout = smoke
     assert result["device"]["backend"] == "cpu" and result["device"]["peak_bf16_flops"] is None
@@ -62,6 +63,7 @@ def test_smoke_records_every_step(smoke):
     assert "rm_lora_over_full" in stdout and "pe_remax_over_full_ppo" in stdout
 
 
+@pytest.mark.slow
 def test_ratios_are_quotients_of_the_recorded_figures(smoke):
     result, _ = smoke
     rows = {r["step"]: r for r in result["steps"]}
@@ -77,6 +79,7 @@ def test_ratios_are_quotients_of_the_recorded_figures(smoke):
         assert q["compiled_peak_bytes"] < 1  # LoRA below full, PE-ReMax below full PPO
 
 
+@pytest.mark.slow
 def test_budget_skips_and_failures_are_recorded(tmp_path):
     out = tmp_path / "skipped.json"
     proc = run("--smoke", "--budget_s", "60", "--min_step_s", "1000", "--out", str(out))
@@ -95,6 +98,7 @@ def test_budget_skips_and_failures_are_recorded(tmp_path):
     assert result["ratios"] == {}
 
 
+@pytest.mark.slow
 def test_without_a_gpu_it_says_so_and_fails(tmp_path):
     proc = run("--out", str(tmp_path / "x.json"), timeout=120)
     assert proc.returncode == 3

@@ -59,7 +59,7 @@ def test_abstract_rm_args_match_real_states():
     lora.add_lora(backbone, "reward", lora.LoRAConfig(rank=4, alpha=8.0, targets="attention"))
     rm = RewardModel(backbone, adapters=("reward",))
     _, trainable, frozen = nnx.split(rm, nnx.Any(lora.adapter_filter("reward"), nnx.PathContains("head")), ...)
-    opt_state = make_optimizer(OptimizerConfig()).init(trainable)
+    opt_state = make_optimizer(OptimizerConfig(), num_steps=1).init(trainable)
     abs_trainable, abs_opt, abs_frozen, batch = spec.args
     assert _shapes(abs_trainable) == _shapes(trainable)
     assert _shapes(abs_frozen) == _shapes(frozen)
@@ -89,7 +89,7 @@ def test_abstract_ppo_args_match_real_states(mode):
     abs_trainable, abs_opt, abs_frozen, rl_state, batch, rng = spec.args
     assert _shapes(abs_trainable) == _shapes(trainable)
     assert _shapes(abs_frozen) == _shapes(frozen)
-    assert _shapes(abs_opt) == _shapes(make_optimizer(OptimizerConfig()).init(trainable))
+    assert _shapes(abs_opt) == _shapes(make_optimizer(OptimizerConfig(), num_steps=1).init(trainable))
     assert batch["prompt_BxT"].shape == (2, 8) and rl_state["baseline"].shape == ()
     if mode == "lora":  # policy + value adapters and the value head; the backbone and reward head frozen
         assert tree_bytes(trainable) == (2 * LORA4_PARAMS + HEAD_PARAMS) * F32

@@ -16,6 +16,8 @@ from pe_rlhf.profiling.step_builders import build_rl_step, build_rm_step
 from pe_rlhf.sharding.memory import compiled_memory
 from pe_rlhf.train.config import TuningConfig
 
+pytestmark = pytest.mark.slow  # quantised steps of 256 tokens compiled, for the CPU and for a TPU
+
 needs_libtpu = pytest.mark.skipif(
     importlib.util.find_spec("libtpu") is None,
     reason=f'libtpu is not installed; AOT TPU compilation needs: pip install "jax[tpu]=={jax.__version__}"',

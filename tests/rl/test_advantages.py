@@ -1,5 +1,7 @@
 """Advantages on small hand-computed arrays; GAE against a slow Python loop."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -50,7 +52,13 @@ def test_grpo_by_hand():
                                [[-0.2928932, 0.2928932]], rtol=1e-6)
     np.testing.assert_allclose(rl.grpo_advantages(jnp.array([[1.0, 2.0, 6.0]]), scale_by_std=False),
                                [[-2.0, -1.0, 3.0]], atol=1e-6)
-    assert rl.GRPOOptions() == rl.GRPOOptions(epsilon=1e-6, scale_by_std=True)
+    # GRPOOptions holds grpo_advantages's options: its fields are the keywords, its defaults the function's
+    rewards = jnp.array([[1.0, 2.0, 6.0], [0.0, 1.0, 1.0]])
+    np.testing.assert_array_equal(rl.grpo_advantages(rewards, **dataclasses.asdict(rl.GRPOOptions())),
+                                  rl.grpo_advantages(rewards))
+    dr_grpo = dataclasses.asdict(rl.GRPOOptions(scale_by_std=False))
+    np.testing.assert_allclose(rl.grpo_advantages(rewards, **dr_grpo), [[-2.0, -1.0, 3.0], [-2 / 3, 1 / 3, 1 / 3]],
+                               rtol=1e-6)
     jitted = jax.jit(rl.grpo_advantages, static_argnames="scale_by_std")
     np.testing.assert_allclose(jitted(jnp.array([[0.0, 1.0]])), [[-0.7071058, 0.7071058]], rtol=1e-6)
 

@@ -52,8 +52,7 @@ def test_kl_penalized_token_rewards_by_hand():
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
     np.testing.assert_array_equal(rl.last_real_token_mask(mask),
                                   [[0, 0, 1], [0, 1, 0], [0, 0, 1], [0, 0, 0]])
-    # the default is beta = 0.05 (KLOptions), k1 estimator
-    assert rl.KLOptions() == rl.KLOptions(beta=0.05, in_reward=True)
+    # by default beta = 0.05 (KLOptions: ReMax's training script) and the k1 estimator
     got = rl.kl_penalized_token_rewards(jnp.array([1.0]), jnp.array([[1.0, 2.0]]), jnp.zeros((1, 2)), jnp.ones((1, 2)))
     np.testing.assert_allclose(got, [[-0.05, 0.9]], rtol=1e-6)
     # with k3 instead: k3(logp = 1, ref = 0) = exp(-1) + 1 - 1

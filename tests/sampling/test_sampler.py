@@ -38,6 +38,7 @@ def test_logprobs_equal_full_forward(model):
     np.testing.assert_allclose(np.asarray(out.logprobs_BxN), np.asarray(ref), atol=2e-5)
 
 
+@pytest.mark.slow
 def test_greedy_equals_argmax_decoding(model):
     out = sample(model, PROMPT, PROMPT_MASK, max_new_tokens=6, temperature=0.0, eos_ids=())
     tokens, mask = PROMPT, PROMPT_MASK

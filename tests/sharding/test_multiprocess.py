@@ -290,6 +290,7 @@ def _worker_env() -> dict[str, str]:
     return env
 
 
+@pytest.mark.slow
 def test_two_processes_train_and_checkpoint(tmp_path):
     port = _free_port()
     outs = [tmp_path / f"result_{i}.json" for i in range(NUM_PROCESSES)]

@@ -39,6 +39,7 @@ def test_has_tpu_reads_the_device_files(tmp_path):
     assert has_tpu(str(tmp_path)) is True
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(has_tpu(), reason="checks start-up on a machine without a TPU")
 def test_cli_without_jax_platforms_prints_no_libtpu_errors_and_still_plans_for_tpu(tmp_path):
     """No JAX_PLATFORMS: JAX probes every backend (libtpu's included), then libtpu compiles for v5e:2x2."""

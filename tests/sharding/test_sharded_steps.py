@@ -291,7 +291,7 @@ def test_remax_step_on_a_mesh_matches_one_device(mesh_name, remax_reference):
 @pytest.fixture(scope="module")
 def abstract_rm():
     graphdef, trainable, frozen = nnx.split(nnx.eval_shape(reward_model), RM_TRAINABLE, ...)
-    tx = make_optimizer(OptimizerConfig())
+    tx = make_optimizer(OptimizerConfig(), num_steps=100)
     tokens = jax.ShapeDtypeStruct((8, 12), jnp.int32)
     batch = {"chosen_tokens_BxT": tokens, "rejected_tokens_BxT": tokens, "chosen_mask_BxT": tokens,
              "rejected_mask_BxT": tokens}

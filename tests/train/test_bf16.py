@@ -77,6 +77,7 @@ def _dtypes(tree):
 
 
 # (a) ---------------------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_full_bf16_trains_fp32_masters_that_take_updates_bf16_weights_lose():
     lr = 1e-6
     optimizer = OptimizerConfig(learning_rate=lr, schedule="constant", max_grad_norm=None)
@@ -175,7 +176,8 @@ def test_lora_bf16_keeps_fp32_adapters_grads_and_moments_and_is_unchanged():
     results = []
     for p in (Precision(), precision):  # the LoRA path with and without the precision step: bitwise equal
         graphdef, trainable, frozen = _split_rm(BF16, LORA4)
-        step, tr, opt, fr = _stepper(graphdef, trainable, frozen, batch, OptimizerConfig(learning_rate=1e-3), p)
+        optimizer = OptimizerConfig(learning_rate=1e-3, total_steps=1000)
+        step, tr, opt, fr = _stepper(graphdef, trainable, frozen, batch, optimizer, p)
         tr, opt, metrics = step(tr, opt, fr, batch)
         assert _dtypes(tr) == {F32} and _dtypes(opt) == {F32}  # adapters, head, Adam mu and nu
         results.append((_flat(tr), _flat(opt), float(metrics["loss"])))
@@ -205,6 +207,7 @@ def test_planner_builds_full_bf16_as_fp32_masters_and_a_bf16_compute_copy():
     assert lora16.arg_bytes()["frozen"] == base * 2 and "compute_copy" not in lora16.estimates
 
 
+@pytest.mark.slow
 def test_full_ppo_in_bf16_trains_fp32_policy_and_value_masters_against_bf16_frozen_models():
     cfg = tiny_config("llama")
     spec = build_rl_step(cfg, FULL, algorithm="ppo", prompts=2, prompt_len=6, new_tokens=3, ppo_epochs=1,
@@ -245,6 +248,7 @@ def _checkpoint(workdir):
                   for p, x in jax.tree_util.tree_leaves_with_path(restored["state"])}
 
 
+@pytest.mark.slow
 def test_full_bf16_resume_restores_the_fp32_masters_exactly(tmp_path):
     kw = dict(dataset=_pairs(40), model="tiny", dtype="bfloat16", tuning=FULL,
               optimizer=OptimizerConfig(learning_rate=1e-4, schedule="constant"),
@@ -275,6 +279,7 @@ def test_full_bf16_resume_restores_the_fp32_masters_exactly(tmp_path):
     np.testing.assert_array_equal(got, want.astype(jnp.bfloat16))
 
 
+@pytest.mark.slow
 def test_full_bf16_sft_exports_the_fp32_masters(tmp_path):
     from safetensors.numpy import load_file
 
@@ -297,6 +302,7 @@ def _trainable_dtypes(workdir):
     return {v.dtype for k, v in leaves.items() if "['trainable']" in k and v.dtype.kind == "f"}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("algorithm", ["remax", "ppo"])
 def test_full_bf16_rl_jobs_train_fp32_masters(tmp_path, algorithm, capsys):
     from pe_rlhf.train.policy import RLConfig
@@ -315,6 +321,7 @@ def test_full_bf16_rl_jobs_train_fp32_masters(tmp_path, algorithm, capsys):
     assert _trainable_dtypes(tmp_path) == {np.dtype(np.float32)}  # policy (and PPO's value model) masters
 
 
+@pytest.mark.slow
 def test_full_bf16_dpo_trains_fp32_masters_against_a_bf16_reference(tmp_path):
     from pe_rlhf.train.preference import train_dpo
 

@@ -10,7 +10,7 @@ import pytest
 from flax import nnx
 
 from pe_rlhf.models import lora
-from pe_rlhf.models.config import ModelConfig
+from pe_rlhf.models.config import CROSS_ENTROPY_IMPLS
 from pe_rlhf.models.tiny import tiny_config
 from pe_rlhf.models.transformer import Transformer
 from pe_rlhf.train.cross_entropy import resolve_cross_entropy_impl, token_nll
@@ -83,7 +83,8 @@ def test_masked_rows_add_nothing_and_choices_are_checked():
         resolve_cross_entropy_impl("mosaic_tpu", 30.0)
     with pytest.raises(ValueError, match="cross_entropy_impl 'fused' is not one of"):
         dataclasses.replace(tiny_config(), cross_entropy_impl="fused")
-    assert isinstance(tiny_config(), ModelConfig)
+    for impl in CROSS_ENTROPY_IMPLS:  # and every listed choice is taken as given
+        assert dataclasses.replace(tiny_config(), cross_entropy_impl=impl).cross_entropy_impl == impl
 
 
 needs_libtpu = pytest.mark.skipif(
@@ -91,6 +92,7 @@ needs_libtpu = pytest.mark.skipif(
     reason=f'libtpu is not installed; AOT TPU compilation needs: pip install "jax[tpu]=={jax.__version__}"')
 
 
+@pytest.mark.slow
 @needs_libtpu
 def test_fused_sft_step_compiles_for_tpu_with_the_mosaic_kernel():
     """tokamax's Mosaic cross-entropy in an SFT step AOT-compiled for v5e:2x2 (rows split over the 4 chips,

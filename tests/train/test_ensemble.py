@@ -184,6 +184,7 @@ def _train_ensemble(workdir, steps=6):
         data=DataConfig(max_prompt_len=40, max_response_len=32, eval_size=24))
 
 
+@pytest.mark.slow
 def test_ensemble_job_members_warm_and_an_rl_run_against_them(tmp_path):
     ens = tmp_path / "ens"
     summary = _train_ensemble(ens)
@@ -241,6 +242,7 @@ def test_ensemble_job_members_warm_and_an_rl_run_against_them(tmp_path):
     assert os.path.isdir(tmp_path / "rl" / "checkpoints")
 
 
+@pytest.mark.slow
 def test_an_existing_reward_model_is_member_0_and_the_rest_train_as_the_ensemble_would(tmp_path):
     from pe_rlhf.train.supervised import train_reward_model
 
@@ -277,6 +279,7 @@ def test_an_existing_reward_model_is_member_0_and_the_rest_train_as_the_ensemble
             first_members=[str(tmp_path / "single")])
 
 
+@pytest.mark.slow
 def test_an_ensemble_recorded_without_member_stats_needs_them_to_standardise(tmp_path):
     ens = tmp_path / "ens"
     _train_ensemble(ens)

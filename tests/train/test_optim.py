@@ -1,4 +1,5 @@
-"""The optimizer: the reward head's own learning rate; updates skipped for a non-finite loss or gradient."""
+"""The optimizer: a schedule as long as the run; the reward head's own learning rate; updates skipped for a
+non-finite loss or gradient."""
 
 import jax
 import jax.numpy as jnp
@@ -8,7 +9,23 @@ from flax import nnx
 
 from pe_rlhf.models.heads import RewardModel
 from pe_rlhf.models.tiny import tiny_model
-from pe_rlhf.train.optim import OptimizerConfig, guard_nonfinite, guarded_update, make_optimizer, nonfinite_updates
+import pytest
+
+from pe_rlhf.train.optim import (OptimizerConfig, guard_nonfinite, guarded_update, learning_rate_schedule,
+                                 make_optimizer, nonfinite_updates)
+
+
+def test_the_schedule_decays_over_the_run_unless_total_steps_is_set():
+    run = learning_rate_schedule(OptimizerConfig(learning_rate=1.0, warmup_steps=2), num_steps=12)
+    assert [float(run(s)) for s in (0, 1, 2, 7, 12)] == pytest.approx([0.0, 0.5, 1.0, 0.5, 0.0])
+    linear = learning_rate_schedule(OptimizerConfig(learning_rate=1.0, schedule="linear"), num_steps=4)
+    assert [float(linear(s)) for s in range(5)] == pytest.approx([1.0, 0.75, 0.5, 0.25, 0.0])
+    longer = learning_rate_schedule(OptimizerConfig(learning_rate=1.0, total_steps=20), num_steps=10)
+    assert float(longer(10)) == pytest.approx(0.5)  # set: half-way through its own 20 at the run's end
+    constant = learning_rate_schedule(OptimizerConfig(learning_rate=1.0, schedule="constant", warmup_steps=2))
+    assert [float(constant(s)) for s in (0, 1, 2, 500)] == pytest.approx([0.0, 0.5, 1.0, 1.0])  # no length needed
+    with pytest.raises(ValueError, match=r"total_steps=None\): the schedule decays over the run.*pass num_steps"):
+        make_optimizer(OptimizerConfig())
 
 
 def test_head_learning_rate_applies_to_the_head_only():

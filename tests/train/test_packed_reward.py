@@ -70,6 +70,7 @@ def assert_scores_like_padded(rm, pairs, batch, options, span, *, atol):
     assert np.std(np.asarray(chosen)) > 0.1  # the scores differ from pair to pair
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("impl", ["xla", "cudnn", "mosaic_tpu"])
 def test_unshared_prompts_score_like_padded_on_every_attention_path(impl):
     """[prompt | chosen][prompt | rejected] as plain causal segments: the fused kernels (splash in Pallas
@@ -83,6 +84,7 @@ def test_unshared_prompts_score_like_padded_on_every_attention_path(impl):
                               atol=1e-4)
 
 
+@pytest.mark.slow
 def test_packed_loss_and_adapter_gradients_equal_padded():
     rm = reward_model("gemma3")
     pairs = random_pairs(6, seed=1)
@@ -110,6 +112,7 @@ def optax_norm(tree):
     return jnp.sqrt(sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(tree)))
 
 
+@pytest.mark.slow
 def test_packed_training_learns_the_rule_and_evaluates_like_padded(tmp_path):
     common = dict(dataset=synthetic_pairs(400), model="tiny",
                   tuning=TuningConfig(mode="lora", lora=lora.LoRAConfig(rank=4, alpha=8.0)),
@@ -154,6 +157,7 @@ def test_reading_only_the_last_tokens_equals_the_full_forward(family):
     np.testing.assert_allclose(rm(tokens, mask), rm.head(full_BxTxD[:, -1]), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_packed_classification_trains_and_scores_every_held_out_example(tmp_path):
     """BCE on packed labelled responses: every held-out example scored once, with its own label."""
     rng = np.random.default_rng(3)

@@ -172,6 +172,7 @@ def test_ppo_with_a_lora_value_model_on_the_same_backbone():
     assert np.abs(head_after - head_before).max() > 0
 
 
+@pytest.mark.slow
 def test_chunked_response_logprobs_equal_the_full_softmax():
     from pe_rlhf import rl
     from pe_rlhf.train.policy import response_logprobs

@@ -102,6 +102,7 @@ def _loss(graphdef, trainable, frozen, batch, loss):
     return supervised_steps.preference_loss(m, batch, beta=BETA, loss=loss)
 
 
+@pytest.mark.slow
 def test_step_reference_is_the_backbone_with_adapters_off():
     backbone, modules = _modules(perturb=True)
     graphdef, trainable, frozen = nnx.split(modules, policy_filter(TuningConfig(), "policy"), ...)
@@ -173,6 +174,7 @@ def _run(workdir, steps, **kw):
                      reward_model="/ignored", **kw)
 
 
+@pytest.mark.slow
 def test_train_dpo_resumes_and_loads_as_a_policy(tmp_path, capsys):
     first = _run(tmp_path, 4)
     assert first["step"] == 4 and first["stage"] == "rl" and first["algorithm"] == "dpo"

@@ -30,6 +30,7 @@ def synthetic_pairs(n, seed=0):
                     source="synthetic")
 
 
+@pytest.mark.slow
 def test_lora_reward_model_learns_a_preference_rule(tmp_path):
     summary = train_reward_model(
         workdir=str(tmp_path), dataset=synthetic_pairs(400), model="tiny",
@@ -85,6 +86,7 @@ def _run(args, env_extra=None, script=None):
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_resume_after_kill_is_bitwise_exact(tmp_path):
     straight, interrupted = str(tmp_path / "straight"), str(tmp_path / "interrupted")
     r = _run(RESUME_ARGS + ["--workdir", straight])
@@ -106,6 +108,7 @@ def test_resume_after_kill_is_bitwise_exact(tmp_path):
     assert a["meta"]["data"] == b["meta"]["data"]
 
 
+@pytest.mark.slow
 def test_gin_typo_fails_before_writing_anything(tmp_path):
     workdir = tmp_path / "wd"
     r = _run(RESUME_ARGS + ["--gin_param", "LoopConfig.num_stpes=3", "--workdir", str(workdir)])

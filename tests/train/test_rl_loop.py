@@ -52,6 +52,7 @@ def _checkpoint_leaves(workdir):
     return [np.asarray(x) for x in jax.tree.leaves(restored["state"])], restored["meta"]
 
 
+@pytest.mark.slow
 def test_remax_loop_resumes_exactly(tmp_path):
     straight = run_policy(tmp_path / "straight", 4)
     assert straight["step"] == 4 and straight["eval_prompts"] == 8
@@ -73,12 +74,22 @@ def test_remax_loop_resumes_exactly(tmp_path):
     assert [e.prompt for e in held_out] == [s["prompt"] for s in samples]
 
 
+@pytest.mark.slow
 def test_ppo_loop_trains_a_value_adapter(tmp_path):
     summary = run_policy(tmp_path, 2, algorithm="ppo")
     assert summary["step"] == 2 and summary["algorithm"] == "ppo"
     rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
     train_rows = [r for r in rows if "train/loss" in r]
     assert len(train_rows) == 2 and all(np.isfinite(r["train/value_loss"]) for r in train_rows)
+    # the value adapter's B matrices start at zero (LoRA): the checkpointed ones have moved
+    from pe_rlhf.checkpoints.orbax_io import RunCheckpointer
+
+    c = RunCheckpointer(os.path.join(tmp_path, "checkpoints"))
+    trainable = c.manager.restore(c.latest_step())["state"]["trainable"]
+    c.close()
+    paths = {jax.tree_util.keystr(p): np.asarray(x) for p, x in jax.tree_util.tree_leaves_with_path(trainable)}
+    value_b = [x for p, x in paths.items() if "['lora']['value']['b']" in p]
+    assert value_b and all(np.any(x != 0) for x in value_b), sorted(p for p in paths if "['layers']['0']" in p)
 
 
 def test_reward_model_with_another_tokenizer_is_a_clear_error(tmp_path):
@@ -114,6 +125,7 @@ def test_a_training_fraction_is_refused_before_anything_is_written(tmp_path):
     assert not (tmp_path / "rl").exists()
 
 
+@pytest.mark.slow
 def test_quickstart_pipeline_smoke(tmp_path):
     """The README's first command, shortened: every stage runs and the table's numbers are sane."""
     short = ["sft/LoopConfig.num_steps=120", "rm/LoopConfig.num_steps=60", "rl/LoopConfig.num_steps=4",

@@ -174,6 +174,7 @@ def jax_leaves(model):
     return jax.tree.leaves(nnx.state(model, nnx.Param))
 
 
+@pytest.mark.slow
 def test_cli_refusal_keeps_the_first_runs_config(tmp_path):
     args = [sys.executable, RUN, "--gin_file", os.path.join(REPO, "experiments", "configs", "tiny_rm.gin"),
             "--workdir", str(tmp_path), "--gin_param", "LoopConfig.num_steps=2", "--gin_param", "LoopConfig.eval_every=0",

@@ -94,6 +94,7 @@ def test_train_loop_refuses_a_workdir_another_process_trains_in(tmp_path):
     assert os.listdir(tmp_path) == []  # nothing written
 
 
+@pytest.mark.slow
 def test_run_py_refuses_before_writing_config_gin(tmp_path):
     with held_by_another_process(tmp_path) as pid:
         r = subprocess.run([sys.executable, os.path.join(REPO, "experiments", "run.py"), "--gin_file",
