@@ -189,6 +189,7 @@ def test_routed_scorer_scores_each_prompt_by_its_groups_model():
             e, group="helpful" if e.group == "harmless" else "harmless"))))
 
 
+@pytest.mark.slow
 def test_sweep_with_a_reward_model_per_group_scores_each_prompt_by_its_own(tmp_path):
     from pe_rlhf.eval.experiment import Scorers
 
