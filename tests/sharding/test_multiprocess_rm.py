@@ -31,7 +31,10 @@ def _cmd(workdir, steps, per_host_batch):
             os.path.join(REPO, "experiments", "configs", "tiny_rm.gin"), "--workdir", str(workdir),
             "--gin_param", "LoopConfig.mesh=@MeshConfig()", "--gin_param", "MeshConfig.data=-1",
             "--gin_param", f"LoopConfig.batch_size={per_host_batch}", "--gin_param", f"LoopConfig.num_steps={steps}",
-            "--gin_param", "LoopConfig.checkpoint_every=3", "--gin_param", "LoopConfig.eval_every=0"]
+            "--gin_param", "LoopConfig.checkpoint_every=3", "--gin_param", "LoopConfig.eval_every=0",
+            # one schedule for the run resumed from 6 steps to 9 and the straight 9 (unset, each would decay
+            # over its own num_steps)
+            "--gin_param", "OptimizerConfig.total_steps=10"]
 
 
 def _two_processes(workdir, steps):
